@@ -1,0 +1,17 @@
+"""The few errors the package raises. Each is also a builtin, so callers can catch either."""
+
+
+class FluxLoraError(Exception):
+    """Base class: the message is meant for the user who sent the request."""
+
+
+class InputError(FluxLoraError, ValueError):
+    """A request that breaks a rule; the message names the input, the value and the fix."""
+
+
+class ModelNotFoundError(FluxLoraError, FileNotFoundError):
+    """The FLUX weights are not where the configuration says they are."""
+
+
+class UnsupportedFeatureError(FluxLoraError, NotImplementedError):
+    """An input this build accepts in its schema but cannot honour yet."""
