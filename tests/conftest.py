@@ -1,0 +1,60 @@
+"""Fixtures: the tiny model, and the real Cog server (coglet) serving predict.py over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from flux_lora import models, tiny
+from flux_lora.server import CogServer, decode_data_uri
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return tiny.build(models.TINY_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    log_path = tmp_path_factory.mktemp("server") / "coglet.log"
+    with CogServer(env={"FLUX_MODEL_DIR": str(tiny_model_dir)}, log_path=log_path) as cog:
+        health = cog.start()
+        assert health["status"] == "READY", health
+        yield cog
+
+
+def predict_ok(server: CogServer, **inputs: Any) -> dict[str, Any]:
+    """POST a prediction that must succeed; returns the response body."""
+    status, body = server.predict(inputs)
+    assert status == 200, body
+    assert body["status"] == "succeeded", body.get("error")
+    return body
+
+
+def predict_failed(server: CogServer, **inputs: Any) -> str:
+    """POST a prediction that must fail inside the predictor; returns its error message."""
+    status, body = server.predict(inputs)
+    assert status == 200, body
+    assert body["status"] == "failed", body
+    return body["error"]
+
+
+def output_images(body: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """(mime type, file bytes) of each output data URI."""
+    return [decode_data_uri(uri) for uri in body["output"]]
+
+
+def open_image(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def image_data_uri(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"

@@ -1,0 +1,273 @@
+"""The container through the real Cog server over HTTP, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from flux_lora.models import REPO_ROOT
+from flux_lora.openapi import SCHEMA_PATH
+from flux_lora.schema import ASPECT_RATIOS
+from flux_lora.server import CogServer
+from tests.conftest import image_data_uri, open_image, output_images, predict_failed, predict_ok
+
+FAST = {"num_inference_steps": 1, "megapixels": "0.25", "seed": 7}
+
+
+def test_health_check_is_ready_after_setup(server: CogServer):
+    health = server.get("/health-check")
+    assert health["status"] == "READY"
+    assert "FLUX.1-schnell/vae: identical to FLUX.1-dev's, shared" in health["setup"]["logs"]
+
+
+def test_openapi_served_is_our_committed_schema(server: CogServer):
+    # coglet serves the file re-serialised with sorted keys: compare as data, not text.
+    committed = json.loads((REPO_ROOT / SCHEMA_PATH).read_text())
+    assert server.get("/openapi.json") == committed
+
+
+@pytest.mark.parametrize("aspect_ratio", list(ASPECT_RATIOS))
+def test_each_aspect_ratio_at_quarter_megapixel_has_its_exact_size(server: CogServer, aspect_ratio: str):
+    body = predict_ok(server, prompt="a cat", aspect_ratio=aspect_ratio, **FAST)
+    [(_, data)] = output_images(body)
+    width, height = ASPECT_RATIOS[aspect_ratio]
+    assert open_image(data).size == (width // 2, height // 2)
+
+
+def test_one_megapixel_is_the_table_size(server: CogServer):
+    body = predict_ok(server, prompt="a cat", aspect_ratio="21:9", num_inference_steps=1, seed=1)
+    assert open_image(output_images(body)[0][1]).size == (1536, 640)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "expected"), [(1000, 300, (1008, 304)), (257, 1439, (256, 1440))]
+)
+def test_custom_size_rounds_to_nearest_multiple_of_16(server: CogServer, width, height, expected):
+    body = predict_ok(server, prompt="a cat", aspect_ratio="custom", width=width, height=height, **FAST)
+    assert open_image(output_images(body)[0][1]).size == expected
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_num_outputs_gives_that_many_distinct_images(server: CogServer, count: int):
+    images = output_images(predict_ok(server, prompt="a cat", num_outputs=count, **FAST))
+    assert len(images) == count
+    assert len({data for _, data in images}) == count
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime", "pil_format"),
+    [("webp", "image/webp", "WEBP"), ("jpg", "image/jpeg", "JPEG"), ("png", "image/png", "PNG")],
+)
+def test_output_format(server: CogServer, fmt: str, mime: str, pil_format: str):
+    [(got_mime, data)] = output_images(predict_ok(server, prompt="a cat", output_format=fmt, **FAST))
+    assert got_mime == mime
+    assert open_image(data).format == pil_format
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "webp"])
+def test_output_quality_changes_file_size(server: CogServer, fmt: str):
+    sizes = {}
+    for quality in (10, 95):
+        [(_, data)] = output_images(
+            predict_ok(server, prompt="a cat", output_format=fmt, output_quality=quality, **FAST)
+        )
+        sizes[quality] = len(data)
+    assert sizes[10] < sizes[95]
+
+
+def test_png_ignores_quality(server: CogServer):
+    files = [
+        output_images(predict_ok(server, prompt="a cat", output_format="png", output_quality=q, **FAST))[0][1]
+        for q in (10, 95)
+    ]
+    assert files[0] == files[1]
+
+
+def test_same_seed_gives_identical_files_and_another_seed_does_not(server: CogServer):
+    inputs = {"prompt": "a cat", "num_inference_steps": 2, "megapixels": "0.25", "num_outputs": 2}
+    first = output_images(predict_ok(server, seed=42, **inputs))
+    again = output_images(predict_ok(server, seed=42, **inputs))
+    other = output_images(predict_ok(server, seed=43, **inputs))
+    assert first == again
+    assert first != other
+
+
+def test_random_seed_is_logged_and_reproduces_the_image(server: CogServer):
+    inputs = {"prompt": "a cat", "num_inference_steps": 1, "megapixels": "0.25"}
+    body = predict_ok(server, **inputs)
+    seed = int(re.search(r"Using seed: (\d+)", body["logs"])[1])
+    assert output_images(predict_ok(server, seed=seed, **inputs)) == output_images(body)
+
+
+def test_prompt_changes_the_image(server: CogServer):
+    cat = output_images(predict_ok(server, prompt="a cat", **FAST))
+    dog = output_images(predict_ok(server, prompt="a red dog", **FAST))
+    assert cat != dog
+
+
+def test_guidance_is_honoured_by_dev_and_absent_from_schnell(server: CogServer):
+    def image(model: str, guidance: float) -> bytes:
+        body = predict_ok(
+            server, prompt="a cat", model=model, guidance_scale=guidance, output_format="png", **FAST
+        )
+        return output_images(body)[0][1]
+
+    assert image("dev", 0) != image("dev", 10)
+    assert image("schnell", 0) == image("schnell", 10)
+    assert image("dev", 3) != image("schnell", 3)
+
+
+def test_num_inference_steps_is_honoured(server: CogServer):
+    one = output_images(predict_ok(server, prompt="a cat", **FAST))
+    two = output_images(predict_ok(server, prompt="a cat", **{**FAST, "num_inference_steps": 2}))
+    assert one != two
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"), [((300, 200), (304, 208)), ((2000, 1000), (1440, 720)), ((900, 1600), (816, 1440))]
+)
+def test_img2img_output_keeps_the_input_aspect_within_1440(server: CogServer, size, expected):
+    source = Image.new("RGB", size, (200, 30, 30))
+    body = predict_ok(
+        server,
+        prompt="a cat",
+        image=image_data_uri(source),
+        aspect_ratio="16:9",
+        num_inference_steps=2,
+        seed=3,
+    )
+    assert open_image(output_images(body)[0][1]).size == expected
+    assert "img2img" in body["logs"]
+
+
+def test_img2img_prompt_strength_is_honoured(server: CogServer):
+    source = image_data_uri(Image.new("RGB", (256, 256), (10, 200, 30)))
+
+    def run(strength: float) -> bytes:
+        body = predict_ok(
+            server, prompt="a cat", image=source, prompt_strength=strength, num_inference_steps=4, seed=3
+        )
+        return output_images(body)[0][1]
+
+    assert run(0.5) != run(1.0)
+
+
+def test_inpaint_resizes_the_mask_to_the_image(server: CogServer):
+    source = Image.new("RGB", (320, 240), (30, 30, 200))
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (16, 12, 48, 36))
+    body = predict_ok(
+        server,
+        prompt="a cat",
+        image=image_data_uri(source),
+        mask=image_data_uri(mask),
+        num_inference_steps=2,
+        seed=3,
+    )
+    assert open_image(output_images(body)[0][1]).size == (320, 240)
+    assert "inpaint" in body["logs"]
+
+
+def test_inpaint_differs_from_img2img(server: CogServer):
+    source = image_data_uri(Image.new("RGB", (256, 256), (30, 30, 200)))
+    half = Image.new("L", (256, 256), 0)
+    half.paste(255, (0, 0, 128, 256))
+    common = {"prompt": "a cat", "image": source, "num_inference_steps": 2, "seed": 3}
+    img2img = output_images(predict_ok(server, **common))
+    inpaint = output_images(predict_ok(server, mask=image_data_uri(half), **common))
+    assert img2img != inpaint
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("num_outputs", 5),
+        ("num_outputs", 0),
+        ("width", 100),
+        ("height", 2000),
+        ("guidance_scale", 10.5),
+        ("prompt_strength", 1.5),
+        ("num_inference_steps", 51),
+        ("output_quality", 101),
+        ("lora_scale", 3.5),
+        ("extra_lora_scale", -2),
+        ("aspect_ratio", "7:3"),
+        ("model", "pro"),
+        ("output_format", "gif"),
+        ("megapixels", "2"),
+        ("seed", None),
+        ("go_fast", "yes"),
+    ],
+)
+def test_out_of_range_and_unknown_choices_are_422(server: CogServer, name: str, value):
+    status, body = server.predict({"prompt": "a cat", name: value})
+    assert status == 422, body
+    assert any(name in detail["loc"] for detail in body["detail"]), body
+
+
+def test_missing_prompt_is_422(server: CogServer):
+    status, body = server.predict({"seed": 1})
+    assert status == 422
+    assert "prompt" in str(body["detail"])
+
+
+@pytest.mark.parametrize(
+    ("inputs", "fragments"),
+    [
+        (
+            {"aspect_ratio": "custom", "width": 512},
+            ["aspect_ratio", "height is missing", "Send width and height"],
+        ),
+        ({"aspect_ratio": "custom"}, ["aspect_ratio", "width and height are missing"]),
+        ({"mask": "MASK"}, ["mask:", "without an image", "send `image` too"]),
+        ({"image": "/etc/passwd"}, ["image: '/etc/passwd' is not a URL", "data: URI"]),
+        (
+            {"image": "IMAGE", "prompt_strength": 0.02},
+            ["prompt_strength: 0.02", "no denoising step", ">= 0.036"],
+        ),
+        ({"image": "NOT_AN_IMAGE"}, ["image: the file could not be read as an image"]),
+        (
+            {"replicate_weights": "fofr/flux-pixar-cars"},
+            ["replicate_weights:", "cannot load LoRA weights yet"],
+        ),
+        ({"extra_lora": "fofr/flux-pixar-cars"}, ["extra_lora:", "cannot load LoRA weights yet"]),
+    ],
+)
+def test_cross_field_errors_fail_precisely_and_the_next_request_works(server: CogServer, inputs, fragments):
+    image = image_data_uri(Image.new("RGB", (64, 64)))
+    replacements = {"MASK": image, "IMAGE": image, "NOT_AN_IMAGE": "data:image/png;base64,aGVsbG8="}
+    inputs = {key: replacements.get(value, value) for key, value in inputs.items()}
+    error = predict_failed(server, prompt="a cat", **inputs)
+    for fragment in fragments:
+        assert fragment in error
+    predict_ok(server, prompt="a cat", **FAST)
+
+
+def test_go_fast_and_safety_checker_say_what_ran(server: CogServer):
+    logs = predict_ok(server, prompt="a cat", go_fast=True, **FAST)["logs"]
+    assert "go_fast: the fp8 path is not available yet; ran in float32" in logs
+    assert "Safety checker: not available yet" in logs
+    logs = predict_ok(server, prompt="a cat", disable_safety_checker=True, **FAST)["logs"]
+    assert "Safety checker" not in logs
+
+
+def test_setup_fails_readably_when_the_model_folder_is_missing(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    with CogServer(env={"FLUX_MODEL_DIR": str(missing)}) as cog:
+        health = cog.start()
+        assert health["status"] == "SETUP_FAILED"
+        logs = health["setup"]["logs"]
+        assert f"FLUX_MODEL_DIR={missing} does not hold FLUX.1-dev or FLUX.1-schnell" in logs
+        status, _ = cog.predict({"prompt": "a cat"})
+        assert status != 200
+
+
+def test_cog_weights_is_refused_at_setup_until_loras_are_supported(tiny_model_dir):
+    env = {"FLUX_MODEL_DIR": str(tiny_model_dir), "COG_WEIGHTS": "https://example.com/lora.tar"}
+    with CogServer(env=env) as cog:
+        health = cog.start()
+        assert health["status"] == "SETUP_FAILED"
+        assert "COG_WEIGHTS is set, but this build cannot apply LoRA weights yet" in health["setup"]["logs"]
