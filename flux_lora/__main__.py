@@ -1,4 +1,4 @@
-"""Command line: `python -m flux_lora {openapi,predict,build-tiny}`; see `--help`."""
+"""Command line: `python -m flux_lora {openapi,predict,resolve-lora,build-tiny}`; see `--help`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("-i", "--input", action="append", default=[], help="name=value or name=@file")
     predict.add_argument("-o", "--output", type=Path, default=Path("outputs"), help="folder for the images")
     predict.add_argument("--predictor", default="predict.py:Predictor", help="file.py:Class")
+    resolve = commands.add_parser(
+        "resolve-lora", help="show what a LoRA reference would fetch, fetching nothing"
+    )
+    resolve.add_argument(
+        "reference", help="e.g. owner/model, huggingface.co/owner/repo, civitai.com/models/123"
+    )
     tiny = commands.add_parser("build-tiny", help="build the tiny random FLUX model")
     tiny.add_argument("--output", type=Path, default=None, help="default: weights/tiny")
     tiny.add_argument("--force", action="store_true", help="rebuild even if present")
@@ -42,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         from flux_lora.client import predict as run_prediction
 
         return run_prediction(args.input, args.output, args.predictor)
+    elif args.command == "resolve-lora":
+        from flux_lora.errors import InputError
+        from flux_lora.lora_refs import describe, parse_lora_ref
+
+        try:
+            print(describe(parse_lora_ref(args.reference, "reference")))
+        except InputError as err:
+            print(err, file=sys.stderr)
+            return 2
     elif args.command == "build-tiny":
         from flux_lora import models
         from flux_lora import tiny as tiny_model

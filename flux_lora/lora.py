@@ -1,0 +1,200 @@
+"""LoRA adapters on a FLUX transformer: reading the common key formats, loading, scaling, swapping.
+
+Formats: diffusers/peft keys with or without the `transformer.` prefix (the Replicate trainer
+writes these), kohya/sd-scripts (`lora_unet_*`), ComfyUI/BFL `diffusion_model.*` with
+`lora_down/lora_up` or `lora_A/lora_B`, and XLabs (`*.processor.*_lora*`). diffusers converts
+most; BFL files with `lora_A/lora_B` it passes through unconverted, so we rename them to the
+`lora_down/lora_up` form it does convert. LoRAs apply to the transformer only: text-encoder parts
+(kohya `lora_te1_*`) are reported, not applied, because dev and schnell share their text encoders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from flux_lora.errors import InputError
+
+log = logging.getLogger(__name__)
+
+TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
+GO_FAST_SCALE = 1.5  # the schema's documented multiplier for both LoRA scales under go_fast
+
+
+@dataclass(frozen=True)
+class WantedAdapter:
+    """One adapter a request asks for: where its file is, what it is, and how strong."""
+
+    identity: str  # secret-free identity of the weights (the cache's)
+    path: str
+    scale: float
+    label: str  # the input it came from, for messages: "replicate_weights", "extra_lora", ...
+    display: str  # the redacted reference
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    state_dict: dict[str, torch.Tensor]  # transformer keys, without prefix
+    network_alphas: dict[str, float] | None
+    metadata: dict | None
+    text_encoder_keys: int
+
+
+def read_lora(path: str, label: str, display: str) -> LoraWeights:
+    """The transformer part of a LoRA file in any supported format, in diffusers naming."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    raw = load_file(path)
+    source: str | dict[str, torch.Tensor] = path
+    if any(".lora_A." in key for key in raw) and any(key.startswith("diffusion_model.") for key in raw):
+        source = {_bfl_ab_to_updown(key): value for key, value in raw.items()}
+    try:
+        state_dict, alphas, metadata = FluxPipeline.lora_state_dict(
+            source, return_alphas=True, return_lora_metadata=True
+        )
+    except (AssertionError, KeyError, ValueError, RuntimeError) as err:
+        raise InputError(
+            f"{label}: {display} could not be converted to FLUX.1's layout ({err.__class__.__name__}); "
+            f"its keys look like {_sample(raw)}. Is it a LoRA for FLUX.1 [dev] or [schnell]?"
+        ) from err
+    transformer: dict[str, torch.Tensor] = {}
+    text_encoder_keys = 0
+    for key, value in state_dict.items():
+        if key.startswith(TEXT_ENCODER_PREFIXES):
+            text_encoder_keys += 1
+        else:
+            transformer[key.removeprefix("transformer.")] = value
+    if alphas:
+        alphas = {
+            k.removeprefix("transformer."): v
+            for k, v in alphas.items()
+            if not k.startswith(TEXT_ENCODER_PREFIXES)
+        }
+    return LoraWeights(transformer, alphas or None, metadata, text_encoder_keys)
+
+
+class AdapterSet:
+    """The adapters of one transformer. `activate` makes a wanted set current: unchanged adapters
+    are kept, changed ones swapped, unwanted ones deleted, and a failure rolls everything back."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+        self.loaded: dict[str, str] = {}  # identity -> adapter name
+        self.active: dict[str, float] = {}  # adapter name -> weight, as last set
+
+    def activate(self, wanted: list[WantedAdapter], multiplier: float = 1.0) -> float:
+        """Returns the seconds spent loading (0.0 when nothing changed)."""
+        weights: dict[str, float] = {}
+        for adapter in wanted:  # the same LoRA twice: one adapter, scales added (linear)
+            name = adapter_name(adapter.identity)
+            weights[name] = weights.get(name, 0.0) + adapter.scale * multiplier
+        if weights == self.active and all(adapter_name(a.identity) in self.loaded.values() for a in wanted):
+            log.info("LoRA unchanged: no reload")
+            return 0.0
+
+        started = time.perf_counter()
+        before_loaded, before_active = dict(self.loaded), dict(self.active)
+        newly_loaded: list[str] = []
+        try:
+            for adapter in wanted:
+                if adapter.identity not in self.loaded:
+                    name = adapter_name(adapter.identity)
+                    if name not in newly_loaded:
+                        self._load(adapter, name)
+                        newly_loaded.append(name)
+                    self.loaded[adapter.identity] = name
+            self._set_weights(weights)
+        except Exception:
+            self._rollback(newly_loaded, before_loaded, before_active)
+            raise
+        wanted_names = set(weights)
+        stale = {identity: name for identity, name in self.loaded.items() if name not in wanted_names}
+        if stale:
+            self.transformer.delete_adapters(list(stale.values()))
+            for identity in stale:
+                del self.loaded[identity]
+        if not self.loaded:
+            self.transformer.unload_lora()  # back to the pristine modules
+        elapsed = time.perf_counter() - started
+        if newly_loaded or stale:
+            log.info("LoRA swap: %d loaded, %d unloaded in %.3f s", len(newly_loaded), len(stale), elapsed)
+        return elapsed
+
+    def _load(self, adapter: WantedAdapter, name: str) -> None:
+        weights = read_lora(adapter.path, adapter.label, adapter.display)
+        if weights.text_encoder_keys:
+            log.info(
+                "%s: %d text-encoder LoRA keys not applied (LoRAs apply to the transformer only)",
+                adapter.label,
+                weights.text_encoder_keys,
+            )
+        if not weights.state_dict:
+            raise InputError(f"{adapter.label}: {adapter.display} has no weights for the FLUX transformer.")
+        try:
+            with warnings.catch_warnings():
+                # peft warns whenever a second adapter joins the first: here that is the intent.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                self.transformer.load_lora_adapter(
+                    weights.state_dict,
+                    prefix=None,
+                    adapter_name=name,
+                    network_alphas=weights.network_alphas,
+                    metadata=weights.metadata,
+                )
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise InputError(
+                f"{adapter.label}: {adapter.display} does not fit this FLUX transformer "
+                f"({_first_line(err)}). Is it a LoRA for FLUX.1 [dev] or [schnell], not another model?"
+            ) from err
+        touched = self._modules_with(name)
+        if not touched:
+            raise InputError(
+                f"{adapter.label}: no key of {adapter.display} matches a FLUX transformer layer "
+                f"(its keys look like {_sample(weights.state_dict)}). Is it a LoRA for FLUX.1?"
+            )
+        log.info("%s: %s loaded into %d layers", adapter.label, adapter.display, touched)
+
+    def _set_weights(self, weights: dict[str, float]) -> None:
+        if weights:
+            self.transformer.set_adapters(list(weights), weights=list(weights.values()))
+        self.active = dict(weights)
+
+    def _rollback(self, newly_loaded: list[str], loaded: dict[str, str], active: dict[str, float]) -> None:
+        present = [name for name in newly_loaded if self._modules_with(name)]
+        if present:
+            self.transformer.delete_adapters(present)
+        peft_config = getattr(self.transformer, "peft_config", {})
+        for name in newly_loaded:  # a load that failed half-way may have left its config behind
+            peft_config.pop(name, None)
+        self.loaded = loaded
+        self.active = {}
+        if loaded:
+            self._set_weights(active)
+        elif getattr(self.transformer, "_hf_peft_config_loaded", False):
+            self.transformer.unload_lora()
+
+    def _modules_with(self, name: str) -> int:
+        return sum(1 for module in self.transformer.modules() if name in getattr(module, "lora_A", {}))
+
+
+def adapter_name(identity: str) -> str:
+    return "lora_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
+def _bfl_ab_to_updown(key: str) -> str:
+    return key.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up.")
+
+
+def _sample(state_dict: dict, count: int = 3) -> str:
+    keys = sorted(state_dict)[:count]
+    return ", ".join(keys) + (", ..." if len(state_dict) > count else "")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0][:200] if str(err).strip() else err.__class__.__name__

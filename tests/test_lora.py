@@ -1,0 +1,258 @@
+"""LoRA formats and adapter handling, through the production loading code.
+
+diffusers' kohya and BFL converters hard-code FLUX.1's full sizes, so those formats are checked
+by converting full-size state dicts and matching every converted key against the modules of a
+full-width FLUX transformer built on the meta device (no memory); the rest load into the tiny
+model and change what it draws.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flux_lora.errors import InputError
+from flux_lora.lora import AdapterSet, WantedAdapter, read_lora
+from flux_lora.models import ModelSource
+from flux_lora.pipeline import FluxPipelines
+from flux_lora.schema import GenerationRequest
+
+FULL_WIDTH, MLP_WIDTH, RANK = 3072, 12288, 2
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_model_dir) -> FluxPipelines:
+    return FluxPipelines.load(ModelSource(tiny_model_dir), device=torch.device("cpu"))
+
+
+@pytest.fixture
+def adapters(pipelines):
+    adapter_set = AdapterSet(pipelines.variants["dev"].txt2img.transformer)
+    yield adapter_set
+    adapter_set.activate([])
+
+
+def render(pipelines: FluxPipelines) -> torch.Tensor:
+    request = GenerationRequest(prompt="a cat", num_inference_steps=2)
+    image = pipelines.generate(request, size=(128, 128), seed=3)[0]
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float()
+
+
+def peft_lora(transformer, path: Path, *, prefix: str = "transformer.", seed: int = 0, rank: int = 4) -> str:
+    """A diffusers/peft LoRA on every attention and projection layer (the trainer's layout)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and ("attn" in name or "proj" in name):
+            tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(
+                rank, module.in_features, generator=generator
+            )
+            tensors[f"{prefix}{name}.lora_B.weight"] = torch.randn(
+                module.out_features, rank, generator=generator
+            )
+    save_file(tensors, path)
+    return str(path)
+
+
+def wanted(path: str, scale: float = 1.0, identity: str | None = None, label: str = "replicate_weights"):
+    return WantedAdapter(identity or path, path, scale, label, Path(path).name)
+
+
+def test_scale_zero_is_exactly_the_base_and_scale_one_is_not(pipelines, adapters, tmp_path):
+    base = render(pipelines)
+    lora = peft_lora(adapters.transformer, tmp_path / "a.safetensors")
+    adapters.activate([wanted(lora, 0.0)])
+    assert torch.equal(render(pipelines), base)
+    adapters.activate([wanted(lora, 1.0)])
+    assert not torch.equal(render(pipelines), base)
+
+
+def test_strength_is_linear_in_the_scale(adapters, tmp_path):
+    lora = peft_lora(adapters.transformer, tmp_path / "a.safetensors")
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    deltas = {}
+    for scale in (0.0, 0.7, 1.4, -1.0):
+        adapters.activate([wanted(lora, scale)])
+        layer = adapters.transformer.transformer_blocks[0].attn.to_q  # wrapped by peft once loaded
+        with torch.no_grad():
+            deltas[scale] = layer(x) - layer.base_layer(x)
+    assert torch.count_nonzero(deltas[0.0]) == 0
+    torch.testing.assert_close(deltas[1.4], 2 * deltas[0.7])
+    torch.testing.assert_close(deltas[-1.0], -deltas[0.7] / 0.7, rtol=1e-4, atol=1e-5)
+
+
+def test_go_fast_multiplier_scales_both_adapters(adapters, tmp_path):
+    main = peft_lora(adapters.transformer, tmp_path / "a.safetensors", seed=1)
+    extra = peft_lora(adapters.transformer, tmp_path / "b.safetensors", seed=2)
+    adapters.activate([wanted(main, 0.8), wanted(extra, 0.4, label="extra_lora")], multiplier=1.5)
+    assert sorted(adapters.active.values()) == pytest.approx([0.6, 1.2])
+
+
+@pytest.mark.parametrize("prefix", ["transformer.", ""])
+def test_diffusers_keys_with_and_without_prefix_change_the_image(pipelines, adapters, tmp_path, prefix):
+    base = render(pipelines)
+    adapters.activate([wanted(peft_lora(adapters.transformer, tmp_path / "l.safetensors", prefix=prefix))])
+    assert not torch.equal(render(pipelines), base)
+
+
+def test_xlabs_format_loads_into_the_tiny_model(pipelines, adapters, tmp_path):
+    width = adapters.transformer.config.num_attention_heads * adapters.transformer.config.attention_head_dim
+    generator = torch.Generator().manual_seed(5)
+    tensors = {}
+    for name in ("qkv_lora1", "proj_lora1", "qkv_lora2", "proj_lora2"):
+        out = 3 * width if name.startswith("qkv") else width
+        tensors[f"double_blocks.0.processor.{name}.down.weight"] = torch.randn(
+            RANK, width, generator=generator
+        )
+        tensors[f"double_blocks.0.processor.{name}.up.weight"] = torch.randn(out, RANK, generator=generator)
+    save_file(tensors, tmp_path / "xlabs.safetensors")
+    base = render(pipelines)
+    adapters.activate([wanted(str(tmp_path / "xlabs.safetensors"))])
+    assert not torch.equal(render(pipelines), base)
+
+
+def test_two_adapters_combine_and_unchanged_requests_do_not_reload(pipelines, adapters, tmp_path, caplog):
+    main = peft_lora(adapters.transformer, tmp_path / "a.safetensors", seed=1)
+    extra = peft_lora(adapters.transformer, tmp_path / "b.safetensors", seed=2)
+    adapters.activate([wanted(main)])
+    only_main = render(pipelines)
+    adapters.activate([wanted(main), wanted(extra, label="extra_lora")])
+    both = render(pipelines)
+    assert not torch.equal(both, only_main)
+    with caplog.at_level(logging.INFO, logger="flux_lora.lora"):
+        assert adapters.activate([wanted(main), wanted(extra, label="extra_lora")]) == 0.0
+    assert "LoRA unchanged: no reload" in caplog.text
+    assert len(adapters.loaded) == 2
+
+
+def test_swapping_keeps_only_the_wanted_adapters_and_none_restores_the_base(pipelines, adapters, tmp_path):
+    base = render(pipelines)
+    first = peft_lora(adapters.transformer, tmp_path / "a.safetensors", seed=1)
+    second = peft_lora(adapters.transformer, tmp_path / "b.safetensors", seed=2)
+    adapters.activate([wanted(first)])
+    adapters.activate([wanted(second)])
+    assert list(adapters.loaded) == [second]
+    assert list(adapters.transformer.peft_config) == list(adapters.active)
+    adapters.activate([])
+    assert not hasattr(adapters.transformer, "peft_config") or not adapters.transformer.peft_config
+    assert torch.equal(render(pipelines), base)
+
+
+def test_lora_for_another_model_is_an_error_and_changes_nothing(pipelines, adapters, tmp_path):
+    good = peft_lora(adapters.transformer, tmp_path / "good.safetensors")
+    adapters.activate([wanted(good)])
+    before = render(pipelines)
+    sdxl = tmp_path / "sdxl.safetensors"  # SDXL UNet layer names and widths
+    save_file(
+        {
+            "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(
+                4, 640
+            ),
+            "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(
+                640, 4
+            ),
+        },
+        sdxl,
+    )
+    with pytest.raises(InputError, match=r"extra_lora: sdxl.safetensors (does not fit|.*matches)"):
+        adapters.activate([wanted(good), wanted(str(sdxl), label="extra_lora")])
+    assert torch.equal(render(pipelines), before)
+    assert list(adapters.loaded) == [good]
+
+
+def test_wrong_shapes_on_flux_names_are_an_error_and_roll_back(pipelines, adapters, tmp_path):
+    base = render(pipelines)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 3072),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(3072, 4),
+        },
+        wrong,
+    )
+    with pytest.raises(InputError, match="does not fit this FLUX transformer"):
+        adapters.activate([wanted(str(wrong))])
+    assert adapters.loaded == {}
+    assert torch.equal(render(pipelines), base)
+
+
+def test_a_file_with_no_transformer_keys_is_an_error(adapters, tmp_path):
+    empty = tmp_path / "te-only.safetensors"
+    save_file({"text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.randn(2, 8)}, empty)
+    with pytest.raises(InputError, match="has no weights for the FLUX transformer"):
+        adapters.activate([wanted(str(empty))])
+
+
+# --- full-size conversions ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_size_modules() -> dict[str, torch.nn.Linear]:
+    """The linear layers of a full-width FLUX.1 transformer (1 block of each kind), on meta."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _bfl_or_kohya(style: str) -> dict[str, torch.Tensor]:
+    layers = {  # BFL module name -> (in, out)
+        "double_blocks.0.img_attn.qkv": (FULL_WIDTH, 3 * FULL_WIDTH),
+        "double_blocks.0.img_attn.proj": (FULL_WIDTH, FULL_WIDTH),
+        "double_blocks.0.txt_attn.qkv": (FULL_WIDTH, 3 * FULL_WIDTH),
+        "double_blocks.0.img_mlp.0": (FULL_WIDTH, MLP_WIDTH),
+        "single_blocks.0.linear1": (FULL_WIDTH, 3 * FULL_WIDTH + MLP_WIDTH),
+        "single_blocks.0.linear2": (FULL_WIDTH + MLP_WIDTH, FULL_WIDTH),
+    }
+    down, up = ("lora_A", "lora_B") if style == "bfl-ab" else ("lora_down", "lora_up")
+    tensors = {}
+    for name, (fan_in, fan_out) in layers.items():
+        key = f"diffusion_model.{name}" if style.startswith("bfl") else "lora_unet_" + name.replace(".", "_")
+        tensors[f"{key}.{down}.weight"] = torch.randn(RANK, fan_in)
+        tensors[f"{key}.{up}.weight"] = torch.randn(fan_out, RANK)
+        if style == "kohya":
+            tensors[f"{key}.alpha"] = torch.tensor(float(RANK))
+    if style == "kohya":  # a CLIP text-encoder part, as sd-scripts writes it
+        tensors["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.randn(
+            RANK, 768
+        )
+        tensors["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.randn(
+            768, RANK
+        )
+        tensors["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha"] = torch.tensor(float(RANK))
+    return tensors
+
+
+@pytest.mark.parametrize("style", ["kohya", "bfl-updown", "bfl-ab"])
+def test_full_size_conversion_targets_real_flux_layers(style, full_size_modules, tmp_path):
+    path = tmp_path / f"{style}.safetensors"
+    save_file(_bfl_or_kohya(style), path)
+    weights = read_lora(str(path), "replicate_weights", path.name)
+    assert weights.state_dict, "nothing converted"
+    targets = set()
+    for key, tensor in weights.state_dict.items():
+        module_name, kind = key.rsplit(".lora_", 1)
+        module = full_size_modules[module_name]  # KeyError: converted to a layer FLUX does not have
+        if kind.startswith("A"):
+            assert tensor.shape == (RANK, module.in_features), key
+        else:
+            assert tensor.shape == (module.out_features, RANK), key
+        targets.add(module_name)
+    # qkv splits into to_q/to_k/to_v; the single block's linear1 into q/k/v and proj_mlp.
+    assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_v_proj"} <= targets
+    assert {"single_transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.proj_mlp"} <= targets
+    assert weights.text_encoder_keys == (2 if style == "kohya" else 0)
+
+
+def test_unconvertible_file_names_its_keys(tmp_path):
+    path = tmp_path / "odd.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 16)}, path)
+    with pytest.raises(
+        InputError, match=r"could not be converted to FLUX.1's layout.*lora_unet_double_blocks_0"
+    ):
+        read_lora(str(path), "extra_lora", "odd.safetensors")
