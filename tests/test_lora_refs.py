@@ -110,7 +110,7 @@ def test_sources(text, kind, url, identity):
     ],
 )
 def test_refusals_name_the_input(text, message):
-    with pytest.raises(InputError, match="^extra_lora: ") as caught:
+    with pytest.raises(InputError, match=r"^extra_lora: ") as caught:
         parse_lora_ref(text, "extra_lora", ENDPOINTS)
     assert message in str(caught.value)
 
