@@ -4,7 +4,7 @@ import logging
 import sys
 from typing import Optional
 
-from cog import BaseRunner, Input, Path
+from cog import BaseRunner, Input, Path, current_scope
 
 from flux_lora.schema import ASPECT_RATIO_CHOICES, MEGAPIXELS, MODELS, OUTPUT_FORMATS, GenerationRequest
 from flux_lora.service import FluxLoraService
@@ -133,4 +133,8 @@ class Predictor(BaseRunner):
             extra_lora=extra_lora,
             extra_lora_scale=extra_lora_scale,
         )
-        return [Path(path) for path in self.service.predict(request)]
+        prediction = self.service.predict(request)
+        scope = current_scope()
+        for name, value in prediction.metrics.items():
+            scope.record_metric(name, value)
+        return [Path(path) for path in prediction.paths]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from flux_lora import models, tiny
-from flux_lora.server import CogServer
+from flux_lora.server import CogServer, bytes_to_data_uri
 
 PROMPT = "a TOK emoji of a cat"
 
@@ -64,6 +64,32 @@ def http_call(
     return call
 
 
+def lora_timings(server: CogServer, runs: int) -> dict[str, float]:
+    """Medians of coglet-reported `lora_load_time` (ms): loading a cached LoRA onto the bare
+    transformer, swapping between two cached LoRAs, and repeating an unchanged one."""
+    loras = [bytes_to_data_uri(tiny.random_lora(seed=seed)) for seed in (1, 2)]
+    inputs = {"prompt": PROMPT, "num_inference_steps": 1, "megapixels": "0.25", "seed": 1}
+
+    def load_time(**lora: str) -> float:
+        status, body = server.predict({**inputs, **lora})
+        assert status == 200 and body["status"] == "succeeded", body
+        return body["metrics"].get("lora_load_time", 0.0) * 1e3
+
+    for lora in loras:  # first use: decoded into the cache
+        load_time(replicate_weights=lora)
+    from_cache, swap, unchanged = [], [], []
+    for _ in range(runs):
+        load_time()  # no LoRA: adapters unloaded
+        from_cache.append(load_time(replicate_weights=loras[0]))
+        swap.append(load_time(replicate_weights=loras[1]))
+        unchanged.append(load_time(replicate_weights=loras[1]))
+    return {
+        "load from cache": statistics.median(from_cache),
+        "swap between two": statistics.median(swap),
+        "unchanged (no reload)": statistics.median(unchanged),
+    }
+
+
 def interleaved(calls: dict[str, Callable[[], None]], runs: int, warmup: int = 3) -> dict[str, list[float]]:
     """Time the calls turn by turn, so drift on a shared machine hits each alike."""
     for call in calls.values():
@@ -96,6 +122,7 @@ def main() -> None:
             },
             args.runs,
         )
+        lora_ms = lora_timings(server, max(5, args.runs // 3))
     bare_ms, http_ms = (statistics.median(times[name]) * 1e3 for name in ("bare", "http"))
     inside_ms = statistics.median(predict_times[-args.runs :]) * 1e3
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
@@ -106,6 +133,9 @@ def main() -> None:
     print(f"end to end over HTTP        median {http_ms:7.1f} ms")
     print(f"  of which run() (coglet's predict_time) {inside_ms:7.1f} ms")
     print(f"ratio {http_ms / bare_ms:.3f} (goal <= 1.10)")
+    rank = 4
+    for name, ms in lora_ms.items():
+        print(f"LoRA (rank {rank}, tiny model) {name:22s} median {ms:6.1f} ms (lora_load_time)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,3 @@ class InputError(FluxLoraError, ValueError):
 
 class ModelNotFoundError(FluxLoraError, FileNotFoundError):
     """The FLUX weights are not where the configuration says they are."""
-
-
-class UnsupportedFeatureError(FluxLoraError, NotImplementedError):
-    """An input this build accepts in its schema but cannot honour yet."""

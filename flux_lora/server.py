@@ -131,8 +131,13 @@ def free_port() -> int:
 
 
 def file_to_data_uri(path: Path) -> str:
-    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    return bytes_to_data_uri(
+        path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    )
+
+
+def bytes_to_data_uri(data: bytes, mime: str = "application/octet-stream") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def decode_data_uri(uri: str) -> tuple[str, bytes]:

@@ -98,6 +98,29 @@ def build(root: Path, *, force: bool = False) -> Path:
     return root
 
 
+def random_lora(seed: int = 0, rank: int = 4, prefix: str = "transformer.") -> bytes:
+    """A random LoRA for the tiny transformer, as safetensors bytes, in the layout the Replicate
+    trainer writes: diffusers/peft keys with the `transformer.` prefix on every attention and
+    projection layer. Shapes come from the transformer built on the meta device (no memory)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**TRANSFORMER, guidance_embeds=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, torch.nn.Linear) and ("attn" in name or "proj" in name):
+            tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(
+                rank, layer.in_features, generator=generator
+            )
+            tensors[f"{prefix}{name}.lora_B.weight"] = torch.randn(
+                layer.out_features, rank, generator=generator
+            )
+    return save(tensors)
+
+
 def _is_complete(root: Path) -> bool:
     return all((root / name / "model_index.json").is_file() for name in RELEASES.values())
 

@@ -20,10 +20,18 @@ def tiny_model_dir() -> Path:
     return tiny.build(models.TINY_MODEL_DIR)
 
 
+# Services a LoRA reference may name, pointed at a closed loopback port: a test that names one by
+# mistake fails fast instead of reaching out of the machine.
+NO_SERVICES = {
+    name: "http://127.0.0.1:9" for name in ("FLUX_LORA_REPLICATE_URL", "HF_ENDPOINT", "FLUX_LORA_CIVITAI_URL")
+}
+
+
 @pytest.fixture(scope="session")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    log_path = tmp_path_factory.mktemp("server") / "coglet.log"
-    with CogServer(env={"FLUX_MODEL_DIR": str(tiny_model_dir)}, log_path=log_path) as cog:
+    folder = tmp_path_factory.mktemp("server")
+    env = {"FLUX_MODEL_DIR": str(tiny_model_dir), "FLUX_LORA_CACHE_DIR": str(folder / "cache"), **NO_SERVICES}
+    with CogServer(env=env, log_path=folder / "coglet.log") as cog:
         health = cog.start()
         assert health["status"] == "READY", health
         yield cog

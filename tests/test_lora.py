@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from flux_lora import tiny
 from flux_lora.errors import InputError
 from flux_lora.lora import AdapterSet, WantedAdapter, read_lora
 from flux_lora.models import ModelSource
@@ -42,19 +43,9 @@ def render(pipelines: FluxPipelines) -> torch.Tensor:
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float()
 
 
-def peft_lora(transformer, path: Path, *, prefix: str = "transformer.", seed: int = 0, rank: int = 4) -> str:
+def peft_lora(path: Path, *, prefix: str = "transformer.", seed: int = 0) -> str:
     """A diffusers/peft LoRA on every attention and projection layer (the trainer's layout)."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and ("attn" in name or "proj" in name):
-            tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(
-                rank, module.in_features, generator=generator
-            )
-            tensors[f"{prefix}{name}.lora_B.weight"] = torch.randn(
-                module.out_features, rank, generator=generator
-            )
-    save_file(tensors, path)
+    path.write_bytes(tiny.random_lora(seed=seed, prefix=prefix))
     return str(path)
 
 
@@ -64,7 +55,7 @@ def wanted(path: str, scale: float = 1.0, identity: str | None = None, label: st
 
 def test_scale_zero_is_exactly_the_base_and_scale_one_is_not(pipelines, adapters, tmp_path):
     base = render(pipelines)
-    lora = peft_lora(adapters.transformer, tmp_path / "a.safetensors")
+    lora = peft_lora(tmp_path / "a.safetensors")
     adapters.activate([wanted(lora, 0.0)])
     assert torch.equal(render(pipelines), base)
     adapters.activate([wanted(lora, 1.0)])
@@ -72,7 +63,7 @@ def test_scale_zero_is_exactly_the_base_and_scale_one_is_not(pipelines, adapters
 
 
 def test_strength_is_linear_in_the_scale(adapters, tmp_path):
-    lora = peft_lora(adapters.transformer, tmp_path / "a.safetensors")
+    lora = peft_lora(tmp_path / "a.safetensors")
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
     deltas = {}
     for scale in (0.0, 0.7, 1.4, -1.0):
@@ -86,8 +77,8 @@ def test_strength_is_linear_in_the_scale(adapters, tmp_path):
 
 
 def test_go_fast_multiplier_scales_both_adapters(adapters, tmp_path):
-    main = peft_lora(adapters.transformer, tmp_path / "a.safetensors", seed=1)
-    extra = peft_lora(adapters.transformer, tmp_path / "b.safetensors", seed=2)
+    main = peft_lora(tmp_path / "a.safetensors", seed=1)
+    extra = peft_lora(tmp_path / "b.safetensors", seed=2)
     adapters.activate([wanted(main, 0.8), wanted(extra, 0.4, label="extra_lora")], multiplier=1.5)
     assert sorted(adapters.active.values()) == pytest.approx([0.6, 1.2])
 
@@ -95,7 +86,7 @@ def test_go_fast_multiplier_scales_both_adapters(adapters, tmp_path):
 @pytest.mark.parametrize("prefix", ["transformer.", ""])
 def test_diffusers_keys_with_and_without_prefix_change_the_image(pipelines, adapters, tmp_path, prefix):
     base = render(pipelines)
-    adapters.activate([wanted(peft_lora(adapters.transformer, tmp_path / "l.safetensors", prefix=prefix))])
+    adapters.activate([wanted(peft_lora(tmp_path / "l.safetensors", prefix=prefix))])
     assert not torch.equal(render(pipelines), base)
 
 
@@ -116,8 +107,8 @@ def test_xlabs_format_loads_into_the_tiny_model(pipelines, adapters, tmp_path):
 
 
 def test_two_adapters_combine_and_unchanged_requests_do_not_reload(pipelines, adapters, tmp_path, caplog):
-    main = peft_lora(adapters.transformer, tmp_path / "a.safetensors", seed=1)
-    extra = peft_lora(adapters.transformer, tmp_path / "b.safetensors", seed=2)
+    main = peft_lora(tmp_path / "a.safetensors", seed=1)
+    extra = peft_lora(tmp_path / "b.safetensors", seed=2)
     adapters.activate([wanted(main)])
     only_main = render(pipelines)
     adapters.activate([wanted(main), wanted(extra, label="extra_lora")])
@@ -131,8 +122,8 @@ def test_two_adapters_combine_and_unchanged_requests_do_not_reload(pipelines, ad
 
 def test_swapping_keeps_only_the_wanted_adapters_and_none_restores_the_base(pipelines, adapters, tmp_path):
     base = render(pipelines)
-    first = peft_lora(adapters.transformer, tmp_path / "a.safetensors", seed=1)
-    second = peft_lora(adapters.transformer, tmp_path / "b.safetensors", seed=2)
+    first = peft_lora(tmp_path / "a.safetensors", seed=1)
+    second = peft_lora(tmp_path / "b.safetensors", seed=2)
     adapters.activate([wanted(first)])
     adapters.activate([wanted(second)])
     assert list(adapters.loaded) == [second]
@@ -143,7 +134,7 @@ def test_swapping_keeps_only_the_wanted_adapters_and_none_restores_the_base(pipe
 
 
 def test_lora_for_another_model_is_an_error_and_changes_nothing(pipelines, adapters, tmp_path):
-    good = peft_lora(adapters.transformer, tmp_path / "good.safetensors")
+    good = peft_lora(tmp_path / "good.safetensors")
     adapters.activate([wanted(good)])
     before = render(pipelines)
     sdxl = tmp_path / "sdxl.safetensors"  # SDXL UNet layer names and widths

@@ -229,11 +229,6 @@ def test_missing_prompt_is_422(server: CogServer):
             ["prompt_strength: 0.02", "no denoising step", ">= 0.036"],
         ),
         ({"image": "NOT_AN_IMAGE"}, ["image: the file could not be read as an image"]),
-        (
-            {"replicate_weights": "fofr/flux-pixar-cars"},
-            ["replicate_weights:", "cannot load LoRA weights yet"],
-        ),
-        ({"extra_lora": "fofr/flux-pixar-cars"}, ["extra_lora:", "cannot load LoRA weights yet"]),
     ],
 )
 def test_cross_field_errors_fail_precisely_and_the_next_request_works(server: CogServer, inputs, fragments):
@@ -263,11 +258,3 @@ def test_setup_fails_readably_when_the_model_folder_is_missing(tmp_path):
         assert f"FLUX_MODEL_DIR={missing} does not hold FLUX.1-dev or FLUX.1-schnell" in logs
         status, _ = cog.predict({"prompt": "a cat"})
         assert status != 200
-
-
-def test_cog_weights_is_refused_at_setup_until_loras_are_supported(tiny_model_dir):
-    env = {"FLUX_MODEL_DIR": str(tiny_model_dir), "COG_WEIGHTS": "https://example.com/lora.tar"}
-    with CogServer(env=env) as cog:
-        health = cog.start()
-        assert health["status"] == "SETUP_FAILED"
-        assert "COG_WEIGHTS is set, but this build cannot apply LoRA weights yet" in health["setup"]["logs"]

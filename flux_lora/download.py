@@ -1,0 +1,249 @@
+"""HTTP(S) GETs of URLs that users name, with the safety rules every LoRA download follows.
+
+Only http and https; at most MAX_REDIRECTS redirects; every hop's host is resolved and the
+socket is connected to a checked address (and its peer checked again once connected), so a
+redirect or a DNS answer cannot lead to a loopback, private or link-local service unless the
+operator allowed it. Authorization never follows a redirect to another origin. Bodies are
+bounded in size, reads time out, and a body shorter than its Content-Length is an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import ipaddress
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from urllib.parse import unquote, urljoin, urlsplit
+
+from flux_lora.errors import FluxLoraError, InputError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+AddressPolicy = Callable[[IPAddress], bool]
+MAX_REDIRECTS = 5
+REDIRECT_CODES = {301, 302, 303, 307, 308}
+CHUNK = 1 << 20
+USER_AGENT = "flux-lora (+https://github.com/replicate/cog)"
+
+
+class DownloadError(FluxLoraError, OSError):
+    """A download failed: unreachable, refused, cut off or timed out; the message says what to do."""
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """The default policy: only globally routable unicast addresses."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
+
+
+def gb(n: int) -> str:
+    return f"{n / 1024**3:.3g} GiB" if n >= 1024**3 else f"{n / 1024**2:.3g} MiB"
+
+
+def too_large(where: str, limit: int) -> InputError:
+    return InputError(f"{where}: the file is larger than the {gb(limit)} limit for LoRA weights")
+
+
+class Body:
+    """A response body to read(): bounded by `limit`, with read timeouts and truncation as errors."""
+
+    def __init__(self, response: http.client.HTTPResponse, where: str, limit: int) -> None:
+        self.response = response
+        self.where = where
+        self.limit = limit
+        self.length = response.length  # None: chunked or connection-close framing
+        self.received = 0
+        if self.length is not None and self.length > limit:
+            raise too_large(where, limit)
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(CHUNK), b""))
+        # One byte past the limit is enough to know it was passed.
+        size = min(size, self.limit - self.received + 1)
+        try:
+            chunk = self.response.read(size)
+        except TimeoutError as err:
+            raise DownloadError(
+                f"{self.where}: the download timed out (no data for a while); try again"
+            ) from err
+        except (OSError, http.client.HTTPException) as err:
+            raise DownloadError(
+                f"{self.where}: the connection broke after {self.received} bytes ({type(err).__name__}); try again"
+            ) from err
+        self.received += len(chunk)
+        if self.received > self.limit:
+            raise too_large(self.where, self.limit)
+        if not chunk and size and self.length is not None and self.received < self.length:
+            # http.client returns b"" here rather than raising IncompleteRead.
+            raise DownloadError(
+                f"{self.where}: the download was cut off after {self.received} of {self.length} bytes; try again"
+            )
+        return chunk
+
+
+class SafeHttp:
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        max_bytes: int,
+        allow_private: bool,
+        is_public_address: AddressPolicy = is_public_address,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.allow_private = allow_private
+        self.is_public_address = is_public_address
+
+    @contextmanager
+    def get(
+        self,
+        url: str,
+        where: str,
+        headers: dict[str, str] | None = None,
+        messages: dict[int, str] | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Body]:
+        """GET `url`, following redirects; yields the body of a 2xx answer, raises for any other.
+
+        `where` starts every message ("<input>: <redacted reference>"); `messages` overrides the
+        text for given status codes.
+        """
+        conn, response = self._open(url, where, dict(headers or {}))
+        with closing(conn), response:
+            status = response.status
+            if not 200 <= status < 300:
+                raise DownloadError(f"{where}: {(messages or {}).get(status) or status_message(status)}")
+            yield Body(response, where, self.max_bytes if limit is None else limit)
+
+    def _open(
+        self, url: str, where: str, headers: dict[str, str]
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            host = parts.hostname
+            if parts.scheme not in ("http", "https") or not host:
+                raise InputError(
+                    f"{where}: only http and https URLs can be downloaded (got {parts.scheme or '?'}:)"
+                )
+            try:
+                port = parts.port
+            except ValueError:
+                raise InputError(f"{where}: the URL has an invalid port") from None
+            sent = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", "Connection": "close", **headers}
+            if parts.username is not None and not any(k.lower() == "authorization" for k in sent):
+                pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+                sent["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+            conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            conn = conn_cls(host, port, timeout=self.timeout_s)
+            conn._create_connection = lambda address, timeout=None, source=None, w=where: self._connect(
+                address, timeout, w
+            )
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            try:
+                conn.request("GET", target, headers=sent)
+                response = conn.getresponse()
+            except (InputError, DownloadError):
+                conn.close()
+                raise
+            except TimeoutError as err:
+                conn.close()
+                raise DownloadError(f"{where}: {host} did not answer in time (timed out); try again") from err
+            except ssl.SSLCertVerificationError as err:
+                conn.close()
+                raise DownloadError(f"{where}: the TLS certificate of {host} could not be verified") from err
+            except (OSError, http.client.HTTPException) as err:
+                conn.close()
+                raise DownloadError(
+                    f"{where}: the request to {host} failed ({type(err).__name__}); try again"
+                ) from err
+            location = response.getheader("Location")
+            if response.status not in REDIRECT_CODES or not location:
+                return conn, response
+            conn.close()  # closes the response too
+            next_url = urljoin(url, location)
+            if _origin(next_url) != _origin(url):
+                # Credentials are for the host they were given for, never for a redirect target.
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url = next_url if "@" not in urlsplit(next_url).netloc else _strip_userinfo(next_url)
+        raise DownloadError(f"{where}: more than {MAX_REDIRECTS} redirects; check the URL")
+
+    def _allowed(self, ip: IPAddress) -> bool:
+        return self.allow_private or self.is_public_address(ip)
+
+    def _connect(self, address: tuple[str, int], timeout: float | None, where: str) -> socket.socket:
+        host, port = address
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as err:
+            raise DownloadError(f"{where}: cannot resolve the host {host} ({type(err).__name__})") from None
+        refused: list[IPAddress] = []
+        failure: OSError | None = None
+        for family, kind, proto, _, sockaddr in infos:
+            ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+            if not self._allowed(ip):
+                refused.append(ip)
+                continue
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(sockaddr)  # the checked address itself: no second DNS lookup to race
+                peer = ipaddress.ip_address(sock.getpeername()[0].split("%", 1)[0])
+            except OSError as err:
+                sock.close()
+                failure = err
+                continue
+            if not self._allowed(peer):
+                sock.close()
+                refused.append(peer)
+                continue
+            return sock
+        if failure is not None:
+            reason = (
+                "timed out"
+                if isinstance(failure, TimeoutError)
+                else failure.strerror or type(failure).__name__
+            )
+            raise DownloadError(f"{where}: cannot connect to {host} ({reason}); try again")
+        if refused:
+            raise InputError(
+                f"{where}: refusing to download from {host}: it is a private, loopback or link-local address "
+                f"({refused[0]}); LoRA URLs must be public"
+            )
+        raise DownloadError(f"{where}: the host {host} has no address")
+
+
+def status_message(status: int) -> str:
+    if status == 404:
+        return "not found (404): check the URL"
+    if status in (401, 403):
+        return f"refused ({status}): the URL needs credentials"
+    if status >= 500:
+        return f"the server failed ({status}); try again later"
+    return f"the server answered {status}"
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or ""), port or default
+
+
+def _strip_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
