@@ -83,6 +83,9 @@ def world(tiny_model_dir, tmp_path_factory) -> Iterator[World]:
         api.status("/files/missing.safetensors", 404)
         api.file("/files/page.safetensors", b"<!doctype html><html><body>Log in</body></html>")
         api.file("/files/sdxl.safetensors", make_safetensors(_sdxl_tensors()))
+        api.status("/files/private.safetensors", 401)
+        api.truncated("/files/cut.safetensors", LORA[4][:5000], claimed=len(LORA[4]))
+        api.endless("/files/huge.safetensors", total=1 << 20, announce=3 * 1024**3)  # claims 3 GiB
         env = {
             "FLUX_MODEL_DIR": str(tiny_model_dir),
             "FLUX_LORA_CACHE_DIR": str(folder / "cache"),
@@ -187,6 +190,9 @@ def test_go_fast_multiplies_both_scales(world: World):
     ("inputs", "fragments"),
     [
         ({"replicate_weights": "PLAIN_MISSING"}, ["replicate_weights", "404"]),
+        ({"replicate_weights": "UNAUTHORIZED"}, ["replicate_weights", "401"]),
+        ({"replicate_weights": "CUT"}, ["replicate_weights", "cut off after 5000 of"]),
+        ({"extra_lora": "HUGE"}, ["extra_lora", "larger than the 2 GiB limit"]),
         ({"extra_lora": "PAGE"}, ["extra_lora", "not a safetensors file"]),
         ({"replicate_weights": "SDXL"}, ["replicate_weights", "FLUX"]),
         (
@@ -206,6 +212,9 @@ def test_bad_loras_fail_precisely_and_leave_the_base_model_intact(world: World, 
         "PLAIN_MISSING": "/files/missing.safetensors",
         "PAGE": "/files/page.safetensors",
         "SDXL": "/files/sdxl.safetensors",
+        "UNAUTHORIZED": "/files/private.safetensors",
+        "CUT": "/files/cut.safetensors",
+        "HUGE": "/files/huge.safetensors",
     }
     inputs = {k: f"{world.api.url}{files[v]}" if v in files else v for k, v in inputs.items()}
     error = world.error(**inputs)
