@@ -11,3 +11,7 @@ class InputError(FluxLoraError, ValueError):
 
 class ModelNotFoundError(FluxLoraError, FileNotFoundError):
     """The FLUX weights are not where the configuration says they are."""
+
+
+class UnsafeImageError(FluxLoraError, RuntimeError):
+    """Every generated image was flagged by the safety checker."""

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flux_lora.cache import LoraCache
+from flux_lora.errors import UnsafeImageError
 from flux_lora.images import load_image, load_mask
 from flux_lora.lora import GO_FAST_SCALE, AdapterSet, WantedAdapter
 from flux_lora.lora_refs import LoraRef, parse_lora_ref
 from flux_lora.models import DEFAULT_MODEL_DIR, locate_models
 from flux_lora.output import save_images
 from flux_lora.pipeline import FluxPipelines
+from flux_lora.safety import SafetyChecker
 from flux_lora.schema import GenerationRequest, check_request, resolve_size
 from flux_lora.weights import LoraFetcher
 
@@ -36,11 +38,13 @@ class FluxLoraService:
     def __init__(
         self,
         pipelines: FluxPipelines,
+        safety: SafetyChecker,
         output_root: Path,
         fetcher: LoraFetcher,
         trained_lora: LoraRef | None = None,
     ):
         self.pipelines = pipelines
+        self.safety = safety
         self.output_root = output_root
         self.fetcher = fetcher
         # The model's own LoRA (COG_WEIGHTS), used as the main adapter when a request names none.
@@ -58,9 +62,12 @@ class FluxLoraService:
         """Load both FLUX releases, and `weights` (`COG_WEIGHTS`), the model's own LoRA, as the
         main adapter: a reference that fails to fetch or load fails setup."""
         trained = parse_lora_ref(weights, "COG_WEIGHTS", allow_local=True) if weights else None
-        pipelines = FluxPipelines.load(locate_models())
+        source = locate_models()
+        pipelines = FluxPipelines.load(source)
+        safety = SafetyChecker.load(source.root, pipelines.device, pipelines.dtype)
         fetcher = LoraFetcher(LoraCache.from_env(DEFAULT_CACHE_DIR))
-        service = cls(pipelines, Path(tempfile.mkdtemp(prefix="flux-lora-out-")), fetcher, trained)
+        output_root = Path(tempfile.mkdtemp(prefix="flux-lora-out-"))
+        service = cls(pipelines, safety, output_root, fetcher, trained)
         if trained is not None:
             service._torch_thread.submit(service._apply_loras, GenerationRequest(prompt="")).result()
         return service
@@ -92,14 +99,26 @@ class FluxLoraService:
         # 5. What this build does not do yet, said rather than hidden.
         if request.go_fast:
             log.info("go_fast: the fp8 path is not available yet; ran in %s", _dtype_name(self.pipelines))
-        if not request.disable_safety_checker:
-            log.info("Safety checker: not available yet; images are returned unfiltered")
 
         # 6. Generate and save. Files of the previous prediction have been delivered by now.
         log.info("%s %s %dx%d, %d step(s)", request.model, request.mode, *size, request.num_inference_steps)
         images = self.pipelines.generate(request, size=size, seed=seed, image=image, mask=mask)
+        if not request.disable_safety_checker:
+            images = self._safe_only(images)
         folder = self._fresh_output_dir()
         return Prediction(save_images(images, folder, request.output_format, request.output_quality), metrics)
+
+    def _safe_only(self, images: list) -> list:
+        unsafe = self.safety.unsafe_indices(images)
+        if not unsafe:
+            return images
+        if len(unsafe) == len(images):
+            raise UnsafeImageError(
+                "The safety checker flagged every generated image, so none is returned. Try another "
+                "prompt or another seed."
+            )
+        log.info("Safety checker: output(s) %s flagged and left out", ", ".join(map(str, unsafe)))
+        return [image for index, image in enumerate(images) if index not in unsafe]
 
     def _apply_loras(self, request: GenerationRequest) -> dict[str, float]:
         started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Build a tiny, randomly initialised FLUX.1 [dev] and [schnell] offline.
+"""Build a tiny, randomly initialised FLUX.1 [dev] and [schnell] offline, with the safety models.
 
 The folders have the layout of the real Hugging Face repos (diffusers format), the same classes
 and the same token counts per image (VAE scale factor 8, 2x2 packing), so everything that loads
@@ -16,6 +16,8 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+
+from flux_lora.tiny_checkers import NSFW_CLASSIFIER_DIR, SAFETY_CHECKER_DIR, build_checkers
 
 # Small enough to build in seconds and run 256x256 in a fraction of one; shapes obey FLUX's
 # rules: in_channels = 16 latent channels x 2x2 packing, sum(axes_dims_rope) = head dim,
@@ -61,6 +63,7 @@ SCHEDULERS = {
     "schnell": dict(shift=1.0, use_dynamic_shifting=False),
 }
 RELEASES = {"dev": "FLUX.1-dev", "schnell": "FLUX.1-schnell"}
+CHECKERS = (SAFETY_CHECKER_DIR, NSFW_CLASSIFIER_DIR)
 WORDS = (
     *("a", "an", "the", "of", "on", "in", "with", "and", "tok", "emoji", "photo", "style"),
     *("cat", "dog", "circle", "square", "triangle", "star", "background", "portrait"),
@@ -70,7 +73,7 @@ WORDS = (
 
 
 def build(root: Path, *, force: bool = False) -> Path:
-    """Write `root/FLUX.1-dev` and `root/FLUX.1-schnell`; returns `root`.
+    """Write `root/FLUX.1-dev`, `root/FLUX.1-schnell` and the two safety models; returns `root`.
 
     Builds into a temporary sibling folder and renames it into place, so a crash never leaves
     a half-built model where the loader would find it.
@@ -84,9 +87,10 @@ def build(root: Path, *, force: bool = False) -> Path:
         shared = _build_shared_components(staging / "shared")
         for variant, name in RELEASES.items():
             _build_release(staging / name, variant, shared)
+        build_checkers(staging)
         shutil.rmtree(staging / "shared")
-        if force and root.exists():
-            shutil.rmtree(root)
+        if root.exists() and (force or not _is_complete(root)):
+            shutil.rmtree(root)  # forced, or left incomplete by an older version or a crash
         try:
             staging.rename(root)
         except OSError:
@@ -122,7 +126,8 @@ def random_lora(seed: int = 0, rank: int = 4, prefix: str = "transformer.") -> b
 
 
 def _is_complete(root: Path) -> bool:
-    return all((root / name / "model_index.json").is_file() for name in RELEASES.values())
+    releases = all((root / name / "model_index.json").is_file() for name in RELEASES.values())
+    return releases and all((root / name / "config.json").is_file() for name in CHECKERS)
 
 
 def _build_shared_components(folder: Path) -> Path:
