@@ -95,7 +95,8 @@ class AdapterSet:
             name = adapter_name(adapter.identity)
             weights[name] = weights.get(name, 0.0) + adapter.scale * multiplier
         if weights == self.active and all(adapter_name(a.identity) in self.loaded.values() for a in wanted):
-            log.info("LoRA unchanged: no reload")
+            if wanted:
+                log.info("LoRA unchanged: no reload")
             return 0.0
 
         started = time.perf_counter()

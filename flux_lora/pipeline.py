@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from flux_lora.models import RELEASES, ModelSource
+from flux_lora.quant import fp8_copy
 from flux_lora.schema import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,27 @@ class FluxPipelines:
         self.variants = variants
         self.device = device
         self.dtype = dtype
+        self.fast_variants: dict[str, Variant] = {}  # go_fast: the same pipelines on an fp8 copy
+        self.fast_modes: dict[str, str] = {}
+
+    def variant(self, name: str, *, fast: bool = False) -> Variant:
+        """The release's pipelines; with `fast`, on an fp8 copy of its transformer, made on first
+        use (the text encoders and VAE stay shared)."""
+        if not fast:
+            return self.variants[name]
+        if name not in self.fast_variants:
+            started = time.perf_counter()
+            base = self.variants[name]
+            fp8 = fp8_copy(base.txt2img.transformer, self.device)
+            self.fast_variants[name] = _assemble(name, {**base.txt2img.components, "transformer": fp8.module})
+            self.fast_modes[name] = fp8.mode
+            log.info(
+                "go_fast: %s transformer copied to %s in %.2f s",
+                RELEASES[name],
+                fp8.mode,
+                time.perf_counter() - started,
+            )
+        return self.fast_variants[name]
 
     @classmethod
     def load(cls, source: ModelSource, device: torch.device | None = None) -> FluxPipelines:
@@ -64,8 +86,9 @@ class FluxPipelines:
         seed: int,
         image: Image.Image | None = None,
         mask: Image.Image | None = None,
+        fast: bool = False,
     ) -> list[Image.Image]:
-        variant = self.variants[request.model]
+        variant = self.variant(request.model, fast=fast)
         width, height = size
         kwargs: dict[str, object] = dict(
             prompt=request.prompt,

@@ -241,11 +241,6 @@ def test_cross_field_errors_fail_precisely_and_the_next_request_works(server: Co
     predict_ok(server, prompt="a cat", **FAST)
 
 
-def test_go_fast_says_what_ran(server: CogServer):
-    logs = predict_ok(server, prompt="a cat", go_fast=True, **FAST)["logs"]
-    assert "go_fast: the fp8 path is not available yet; ran in float32" in logs
-
-
 def test_setup_fails_readably_when_the_model_folder_is_missing(tmp_path):
     missing = tmp_path / "no-such-folder"
     with CogServer(env={"FLUX_MODEL_DIR": str(missing)}) as cog:
