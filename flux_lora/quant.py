@@ -38,7 +38,7 @@ def fp8_copy(transformer: torch.nn.Module, device: torch.device) -> Fp8Transform
     )
 
     if _has_fp8_matmuls(device):
-        fast = copy.deepcopy(transformer)
+        fast = _base_copy(transformer)
         try:
             quantize_(fast, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
             _smoke_test(fast)
@@ -46,9 +46,18 @@ def fp8_copy(transformer: torch.nn.Module, device: torch.device) -> Fp8Transform
         except Exception as err:  # a kernel missing from this build: weight-only still halves memory
             log.warning("fp8 matmuls failed on %s (%s); using fp8 weight-only", device, _first_line(err))
             del fast
-    fast = copy.deepcopy(transformer)
+    fast = _base_copy(transformer)
     quantize_(fast, Float8WeightOnlyConfig())
     return Fp8Transformer(fast, "fp8 weight-only")
+
+
+def _base_copy(transformer: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy without the LoRA adapters the original may carry right now (they are never
+    fused, so removing the adapter layers restores the base weights exactly)."""
+    fast = copy.deepcopy(transformer)
+    if getattr(fast, "peft_config", None):
+        fast.unload_lora()
+    return fast
 
 
 def _has_fp8_matmuls(device: torch.device) -> bool:

@@ -69,7 +69,7 @@ class FluxLoraService:
         output_root = Path(tempfile.mkdtemp(prefix="flux-lora-out-"))
         service = cls(pipelines, safety, output_root, fetcher, trained)
         if trained is not None:
-            service._torch_thread.submit(service._apply_loras, GenerationRequest(prompt="")).result()
+            service._torch_thread.submit(service._apply_loras, GenerationRequest(prompt=""), False).result()
         return service
 
     def predict(self, request: GenerationRequest) -> Prediction:

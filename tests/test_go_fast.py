@@ -57,3 +57,19 @@ def test_lora_on_the_fp8_transformer(server: CogServer):
     zero, _ = image(server, go_fast=True, replicate_weights=lora, lora_scale=0)
     assert zero == base
     assert image(server, go_fast=True)[0] == base  # unloaded: exactly the fp8 base again
+
+
+def test_fp8_copy_made_while_a_lora_is_loaded_starts_from_the_base(
+    server: CogServer, tiny_model_dir, tmp_path
+):
+    """The copy is made on first go_fast use: a LoRA active on the bf16 transformer then must
+    not leak into it."""
+    env = {"FLUX_MODEL_DIR": str(tiny_model_dir), "FLUX_LORA_CACHE_DIR": str(tmp_path)}
+    lora = bytes_to_data_uri(tiny.random_lora(seed=4))
+    with CogServer(env=env) as fresh:
+        assert fresh.start()["status"] == "READY"
+        predict_ok(fresh, **FAST, replicate_weights=lora)  # loaded into the bf16 transformer
+        fast_base, _ = image(fresh, go_fast=True)  # the fp8 copy is made now
+        fast_lora, _ = image(fresh, go_fast=True, replicate_weights=lora)
+    assert fast_lora != fast_base
+    assert fast_base == image(server, go_fast=True)[0]  # made with no LoRA loaded
