@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# huggingface_hub looks things up on huggingface.co on first use unless telemetry is off; tests
+# never leave loopback. Set before anything imports it; servers started by tests inherit it.
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
 import base64
 import io
 from collections.abc import Iterator

@@ -453,3 +453,44 @@ def add_civitai(server: FakeServer, storage: FakeServer, models: dict[int, list[
 
     server.route(r"/api/v1/models/(\d+)", model)
     server.route(r"/api/download/models/(\d+)", download)
+
+
+def add_hub_files_metadata(server: FakeServer, repos: list[HubRepo]) -> None:
+    """Model info as `HfApi.model_info(files_metadata=True)` gets it (`?blobs=true`): each sibling
+    with its size, and LFS details for weights. Call after `add_hub` (later routes win); without
+    `blobs` the answer is add_hub's, and the listing stays one request, like the Hub's."""
+    by_id = {repo.repo_id: repo for repo in repos}
+
+    def model_info(ex: Exchange) -> None:
+        repo_id, revision = unquote(ex.match["repo"]), unquote(ex.match["rev"] or "main")
+        repo = by_id.get(repo_id)
+        if repo is None:
+            ex.json({"error": "Repository not found"}, 404, {"X-Error-Code": "RepoNotFound"})
+            return
+        if revision not in repo.revisions and revision != repo.sha:
+            ex.json({"error": f"Invalid rev id: {revision}"}, 404, {"X-Error-Code": "RevisionNotFound"})
+            return
+        files = {"README.md": b"# model card\n", **repo.files}
+        blobs = ex.seen.query.get("blobs", "").lower() in ("1", "true")
+        siblings = []
+        for name, data in files.items():
+            sibling: dict[str, object] = {"rfilename": name}
+            if blobs:
+                sibling.update(size=len(data), blobId=hashlib.sha1(data).hexdigest())
+                if name.endswith((".safetensors", ".bin", ".pt")):
+                    sha256 = hashlib.sha256(data).hexdigest()
+                    sibling["lfs"] = {"size": len(data), "sha256": sha256, "pointerSize": 134}
+            siblings.append(sibling)
+        ex.json(
+            {
+                "_id": "0" * 24,
+                "id": repo.repo_id,
+                "sha": repo.sha,
+                "private": False,
+                "gated": "manual" if repo.token else False,
+                "tags": ["diffusers"],
+                "siblings": siblings,
+            }
+        )
+
+    server.route(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?", model_info)

@@ -1,0 +1,427 @@
+"""Fetching the real FLUX.1 weights and the safety models into FLUX_MODEL_DIR, and checking them.
+
+`scripts/download-weights` runs `main()`. Each folder of MODEL_REPOS comes from its Hugging Face
+repo through huggingface_hub (HF_ENDPOINT, HF_TOKEN), with only the files the pipeline loads:
+chosen from one listing of the repo, so the single-file checkpoints that duplicate the diffusers
+folders, images and licences stay on the Hub.
+
+A folder is fetched into `FLUX_MODEL_DIR/.downloads/<folder>` with huggingface_hub's local-dir
+download (hf_hub_download at the listed commit, 8 files at a time). Resuming is huggingface_hub's:
+a file complete there is not fetched again by a later run, not even asked about (its metadata in
+`.cache/huggingface/` names the commit); a connection cut in the middle of a file is resumed in
+the same run with a Range request from the last whole chunk written (10 MB); a run that is killed
+loses only the files in flight, whose partial copies the next run deletes and fetches again.
+Once every file is there the folder is checked, marked complete (`.flux-lora-complete`, listing
+the files and sizes) and renamed into place, so a folder under FLUX_MODEL_DIR never holds a
+partial download. Tokens never reach a message or a log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from flux_lora.download import DownloadError
+from flux_lora.errors import FluxLoraError, ModelNotFoundError
+from flux_lora.model_files import (
+    HF_CACHE,
+    MARKER,
+    MODEL_REPOS,
+    check_folder,
+    folders_in_scope,
+    is_complete,
+    missing_models,
+    select_files,
+    verify_models,
+)
+from flux_lora.tiny import RELEASES
+
+log = logging.getLogger("flux_lora.model_download")  # also when run as __main__
+
+STAGING = ".downloads"
+WORKERS = 8
+TIMEOUT_S = 60.0
+
+GATED = (
+    "{folder} ({repo}) is gated and no HF_TOKEN is set. Accept its licence on its Hugging Face page, "
+    "{page}, then set HF_TOKEN to a read token of that account ({endpoint}/settings/tokens) and run again."
+)
+REFUSED = (
+    "{folder} ({repo}) refused: the token's account has not accepted the {folder} licence, or the token "
+    "is invalid (HTTP {status}). Accept the licence on {page} with the account HF_TOKEN belongs to, or "
+    "check the token at {endpoint}/settings/tokens."
+)
+
+
+@dataclass(frozen=True)
+class RepoPlan:
+    folder: str
+    repo_id: str
+    revision: str  # the commit every file is fetched at
+    files: dict[str, int | None]  # the selection: path -> size when the Hub reports it
+    skipped: list[str]
+    gated: bool
+
+    @property
+    def size(self) -> int | None:
+        sizes = list(self.files.values())
+        return None if None in sizes else sum(sizes)
+
+
+# --- downloading -----------------------------------------------------------------------------
+
+
+def download_models(
+    root: Path,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+    folders: list[str] | None = None,
+    progress: bool = True,
+) -> None:
+    """Fetch every folder of `folders` (default: all of MODEL_REPOS) that is not complete under `root`.
+
+    Every repo is listed and every gated one's access checked before any file is fetched, so a
+    missing or refused token fails at once. Raises DownloadError with the reason and the fix."""
+    root = Path(root)
+    token = (token if token is not None else os.environ.get("HF_TOKEN", "")).strip() or None
+    endpoint = _endpoint(endpoint)
+    missing = set(missing_models(root))
+    todo = [f for f in folders_in_scope(folders) if f in missing]
+    for folder in folders_in_scope(folders):
+        if folder not in missing:
+            log.info("%s: already complete in %s", folder, root)
+    if not todo:
+        return
+    plans = [_plan(folder, token, endpoint) for folder in todo]
+    for plan in plans:
+        _check_access(plan, token, endpoint)
+    _log_plans(plans, root)
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root):
+        for plan in plans:
+            if is_complete(root / plan.folder, plan.folder):  # another run finished it meanwhile
+                log.info("%s: already complete in %s", plan.folder, root)
+                continue
+            _download(plan, root, token, endpoint, progress)
+        with suppress(OSError):  # not empty: something else is staged there
+            (root / STAGING).rmdir()
+
+
+def _endpoint(endpoint: str | None) -> str:
+    if endpoint is None:
+        from huggingface_hub import constants
+
+        endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    return endpoint.rstrip("/")
+
+
+def _plan(folder: str, token: str | None, endpoint: str) -> RepoPlan:
+    """One listing call: the commit, every file with its size, whether the repo is gated."""
+    import httpx2
+    from huggingface_hub import HfApi
+
+    repo = MODEL_REPOS[folder]
+    try:
+        info = HfApi(endpoint=endpoint, token=token or False).model_info(
+            repo, files_metadata=True, timeout=TIMEOUT_S
+        )
+    except (httpx2.HTTPError, OSError) as err:
+        raise _error(err, folder, token, endpoint, gated=folder == RELEASES["dev"]) from err
+    if not info.sha:
+        raise DownloadError(f"{folder}: {endpoint} gave no commit for {repo}; check HF_ENDPOINT")
+    sizes = {s.rfilename: s.size for s in info.siblings or []}
+    chosen = select_files(folder, sizes)
+    skipped = sorted(set(sizes) - set(chosen))
+    return RepoPlan(folder, repo, info.sha, {n: sizes[n] for n in chosen}, skipped, bool(info.gated))
+
+
+def _check_access(plan: RepoPlan, token: str | None, endpoint: str) -> None:
+    """For a gated repo: no token, or a token it refuses (one HEAD), fails before any download."""
+    import httpx2
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    if not plan.gated:
+        return
+    if token is None:
+        raise _error(None, plan.folder, token, endpoint, gated=True)
+    url = hf_hub_url(plan.repo_id, next(iter(plan.files)), revision=plan.revision, endpoint=endpoint)
+    try:
+        get_hf_file_metadata(url, token=token, timeout=TIMEOUT_S, endpoint=endpoint)
+    except (httpx2.HTTPError, OSError) as err:
+        raise _error(err, plan.folder, token, endpoint, gated=True) from err
+
+
+def _log_plans(plans: list[RepoPlan], root: Path) -> None:
+    def size(n: int | None) -> str:
+        if n is None:
+            return "size not reported"
+        for unit in ("B", "kB", "MB", "GB"):
+            if n < 1000 or unit == "GB":
+                return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+            n /= 1000
+
+    for plan in plans:
+        log.info(
+            "%s <- %s @ %s: %d files, %s",
+            plan.folder, plan.repo_id, plan.revision[:10], len(plan.files), size(plan.size),
+        )  # fmt: skip
+        groups: dict[str, list[int | None]] = {}
+        for name, n in plan.files.items():
+            groups.setdefault(name.split("/")[0] + ("/" if "/" in name else ""), []).append(n)
+        for group, sizes in sorted(groups.items()):
+            total = None if None in sizes else sum(sizes)
+            log.info("  %-24s %3d file(s)  %s", group, len(sizes), size(total))
+        if plan.skipped:
+            shown = ", ".join(plan.skipped[:8]) + (", ..." if len(plan.skipped) > 8 else "")
+            log.info("  not fetched (the pipeline does not load them): %s", shown)
+    sizes = [p.size for p in plans]
+    total = None if None in sizes else sum(sizes)
+    log.info("To fetch into %s: %s (files already complete there are not fetched again)", root, size(total))
+
+
+@contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """One download into `root` at a time, across processes."""
+    handle = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Another download into %s is running: waiting for it", root)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
+def _download(plan: RepoPlan, root: Path, token: str | None, endpoint: str, progress: bool) -> None:
+    started = time.monotonic()
+    staging, final = root / STAGING / plan.folder, root / plan.folder
+    staging.parent.mkdir(exist_ok=True)
+    if final.exists():  # incomplete (else it was skipped)
+        if staging.exists():
+            log.warning(
+                "%s: removing the incomplete %s (a staged download is resumed instead)", plan.folder, final
+            )
+            shutil.rmtree(final)
+        else:
+            log.info("%s: resuming from the incomplete %s", plan.folder, final)
+            final.rename(staging)
+    # Partial files of a run that was killed: huggingface_hub never reuses them (their names are
+    # unique to the run that wrote them); under the lock no other run is writing one.
+    for orphan in (staging / HF_CACHE).rglob("*.incomplete"):
+        orphan.unlink(missing_ok=True)
+    _fetch(plan, staging, token, endpoint, progress)
+    shutil.rmtree(staging / HF_CACHE, ignore_errors=True)
+    try:
+        check_folder(staging, plan.folder)
+    except ModelNotFoundError as err:
+        raise DownloadError(
+            f"{plan.folder}: the files fetched from {plan.repo_id} do not check out: {err}"
+        ) from err
+    marker = {"repo": plan.repo_id, "revision": plan.revision, "files": plan.files}
+    (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    staging.rename(final)
+    log.info("%s: complete in %s (%.0f s)", plan.folder, final, time.monotonic() - started)
+
+
+def _fetch(plan: RepoPlan, staging: Path, token: str | None, endpoint: str, progress: bool) -> None:
+    """Every file of the plan into `staging`, WORKERS at a time, one progress bar for the folder."""
+    import httpx2
+    from huggingface_hub import hf_hub_download
+    from tqdm.auto import tqdm
+
+    bar = None
+    if progress:
+        bar = tqdm(total=plan.size, desc=plan.folder, unit="B", unit_scale=True)
+    lock = threading.Lock()
+
+    def fetch_one(name: str) -> None:
+        counted = [0]
+        try:
+            path = Path(
+                hf_hub_download(
+                    plan.repo_id,
+                    name,
+                    revision=plan.revision,
+                    local_dir=staging,
+                    endpoint=endpoint,
+                    token=token or False,
+                    etag_timeout=TIMEOUT_S,
+                    tqdm_class=_progress_class(bar, lock, counted),
+                )
+            )
+        except (httpx2.HTTPError, OSError) as err:
+            raise _error(err, plan.folder, token, endpoint, gated=plan.gated, file=name) from err
+        size, expected = path.stat().st_size, plan.files[name]
+        if expected is not None and size != expected:
+            path.unlink()
+            raise DownloadError(
+                f"{plan.folder}: {name} from {plan.repo_id} has {size} bytes, not the {expected} the "
+                "Hub lists; run again"
+            )
+        if bar is not None:
+            with lock:
+                bar.update(size - counted[0])  # files found complete report nothing
+
+    pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="download-weights")
+    interrupted = False
+    try:
+        futures = [pool.submit(fetch_one, name) for name in plan.files]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in done:
+            future.result()
+    except KeyboardInterrupt:
+        interrupted = True  # main() exits at once
+        raise
+    finally:
+        # After an error the files in flight still finish (they are kept for the next run).
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+
+
+def _progress_class(bar, lock: threading.Lock, counted: list[int]) -> type:
+    """A stand-in for tqdm that huggingface_hub's HTTP and Xet downloads report to: it adds each
+    file's bytes to the folder's one bar (as snapshot_download's aggregated bar does)."""
+
+    class FileProgress:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.update(kwargs.get("initial") or 0)
+
+        def update(self, n: float | None = 1) -> None:
+            with lock:
+                counted[0] += int(n or 0)
+                if bar is not None:
+                    bar.update(int(n or 0))
+
+        def update_transfer(self, n: float | None = 1) -> None:
+            pass
+
+        def set_postfix_str(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        set_transfer_postfix_str = set_description = set_postfix_str
+
+        def close(self) -> None:
+            pass
+
+        def __enter__(self) -> FileProgress:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    return FileProgress
+
+
+def _error(
+    err: Exception | None,
+    folder: str,
+    token: str | None,
+    endpoint: str,
+    *,
+    gated: bool,
+    file: str | None = None,
+) -> DownloadError:
+    """The precise DownloadError for a failure talking to the Hub; never quotes the token."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(err, DownloadError):
+        return err
+    repo = MODEL_REPOS[folder]
+    where = f"{folder} ({repo})"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    fields = dict(folder=folder, repo=repo, page=f"{endpoint}/{repo}", endpoint=endpoint, status=status)
+    if err is None or status in (401, 403) or isinstance(err, GatedRepoError):
+        if gated or isinstance(err, GatedRepoError):
+            message = (REFUSED if token else GATED).format(**fields)
+        elif token:
+            message = f"{where}: the Hub refused HF_TOKEN (HTTP {status}): the token is invalid or expired; fix it, or unset it"
+        else:
+            message = f"{where} asks for a token (HTTP {status}): set HF_TOKEN to a token with access to it"
+    elif isinstance(err, (RevisionNotFoundError, EntryNotFoundError)):
+        message = f"{where} changed while downloading ({file or 'listing'}: HTTP {status}); run again"
+    elif isinstance(err, RepositoryNotFoundError):
+        message = f"{where} was not found on {endpoint} (HTTP {status}); check HF_ENDPOINT"
+    elif isinstance(err, HfHubHTTPError):
+        message = f"{where}: {endpoint} answered HTTP {status}; run again later (complete files are kept)"
+    else:
+        what = f"{file} " if file else ""
+        message = (
+            f"{where}: {what}could not be downloaded from {endpoint} ({type(err).__name__}: {err}); run "
+            "again: the files already complete are kept and not fetched again"
+        )
+    return DownloadError(message.replace(token, "<HF_TOKEN>") if token else message)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flux_lora.models import DEFAULT_MODEL_DIR
+
+    parser = argparse.ArgumentParser(
+        prog="scripts/download-weights",
+        description=(
+            "Fetch FLUX.1-dev (gated: accept its licence on Hugging Face and set HF_TOKEN), FLUX.1-schnell "
+            "and the two safety models into $FLUX_MODEL_DIR (default weights/), in the diffusers layout, "
+            "only the files the pipeline loads. Interrupted downloads resume where they stopped (per "
+            "file). HF_ENDPOINT picks another hub."
+        ),
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=list(MODEL_REPOS),
+        metavar="FOLDER",
+        help=f"fetch and check only this folder (repeatable): {', '.join(MODEL_REPOS)}",
+    )
+    parser.add_argument(
+        "--load",
+        action="store_true",
+        help="also load every model the way the server does; for the real FLUX weights that takes about "
+        "60 GB of GPU memory on a CUDA GPU (bf16) or about 115 GB of RAM on a CPU (fp32)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("flux_lora").setLevel(logging.INFO)  # ours; not every request httpx2 makes
+    root = Path(os.environ.get("FLUX_MODEL_DIR") or DEFAULT_MODEL_DIR).expanduser()
+    try:
+        download_models(root, folders=args.only, progress=not args.no_progress)
+        verify_models(root, load=args.load, folders=args.only)
+    except FluxLoraError as err:
+        print(f"download-weights: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # Downloads still in flight would hold the exit until they end: leave now. Complete files
+        # are in place and partial ones are deleted by the next run, so nothing is lost.
+        print("download-weights: interrupted; run it again to resume", file=sys.stderr, flush=True)
+        os._exit(130)
+    checked = "load" if args.load else "check out"
+    log.info("%s in %s: present and %s", ", ".join(args.only or MODEL_REPOS), root, checked)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
