@@ -1,4 +1,4 @@
-"""Command line: `python -m flux_lora {openapi,predict,resolve-lora,build-tiny}`; see `--help`."""
+"""Command line: `python -m flux_lora {openapi,predict,resolve-lora,model-dir,build-tiny}`; see `--help`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux_lora")
     commands = parser.add_subparsers(dest="command", required=True)
-    openapi = commands.add_parser("openapi", help="write .cog/openapi_schema.json from predict.py")
-    openapi.add_argument("--predictor", default="predict.py:Predictor", help="file.py:Class")
-    openapi.add_argument("--output", type=Path, default=None, help="default: .cog/openapi_schema.json")
-    openapi.add_argument("--check", action="store_true", help="fail if the file is out of date")
+    openapi = commands.add_parser(
+        "openapi",
+        help="write the schema of every predictor in predict.py: .cog/openapi_schema.json for "
+        "Predictor, .cog/schemas/<Class>.json for the others",
+    )
+    openapi.add_argument(
+        "--predictor", default="predict.py", help="file.py (every predictor in it) or file.py:Class (one)"
+    )
+    openapi.add_argument("--output", type=Path, default=None, help="with file.py:Class: write here instead")
+    openapi.add_argument("--check", action="store_true", help="fail if a schema file is out of date")
     predict = commands.add_parser("predict", help="run one prediction through the real server")
     predict.add_argument("-i", "--input", action="append", default=[], help="name=value or name=@file")
     predict.add_argument("-o", "--output", type=Path, default=Path("outputs"), help="folder for the images")
@@ -24,26 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     resolve.add_argument(
         "reference", help="e.g. owner/model, huggingface.co/owner/repo, civitai.com/models/123"
     )
+    commands.add_parser(
+        "model-dir", help="print the folder the scripts serve: the weights, else the tiny model (built)"
+    )
     tiny = commands.add_parser("build-tiny", help="build the tiny random FLUX model")
     tiny.add_argument("--output", type=Path, default=None, help="default: weights/tiny")
     tiny.add_argument("--force", action="store_true", help="rebuild even if present")
     args = parser.parse_args(argv)
 
     if args.command == "openapi":
-        from flux_lora import openapi as schema
-
-        module_file, class_name = args.predictor.split(":")
-        sys.path.insert(0, str(Path(module_file).resolve().parent))
-        text = schema.render(schema.build_schema(Path(module_file).stem, class_name))
-        output = args.output or schema.SCHEMA_PATH
-        if args.check:
-            if not output.is_file() or output.read_text() != text:
-                print(f"{output} is out of date: run `python -m flux_lora openapi`", file=sys.stderr)
-                return 1
-            return 0
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
-        print(output)
+        if args.output and ":" not in args.predictor:
+            parser.error("--output needs --predictor file.py:Class")
+        return _openapi(args.predictor, args.output, args.check)
     elif args.command == "predict":
         from flux_lora.client import predict as run_prediction
 
@@ -57,11 +55,46 @@ def main(argv: list[str] | None = None) -> int:
         except InputError as err:
             print(err, file=sys.stderr)
             return 2
+    elif args.command == "model-dir":
+        from flux_lora.models import model_dir_for_scripts
+
+        print(model_dir_for_scripts())
     elif args.command == "build-tiny":
         from flux_lora import models
         from flux_lora import tiny as tiny_model
 
         print(tiny_model.build(args.output or models.TINY_MODEL_DIR, force=args.force))
+    return 0
+
+
+def _openapi(predictor: str, output: Path | None, check: bool) -> int:
+    """Write (or with `check`, compare) the schema file of each predictor `predictor` names."""
+    from flux_lora import openapi as schema
+
+    module_file, _, class_name = predictor.partition(":")
+    folder = Path(module_file).resolve().parent
+    sys.path.insert(0, str(folder))
+    module = Path(module_file).stem
+    targets = {
+        name: output or folder / schema.schema_path(name)
+        for name in ([class_name] if class_name else schema.predictor_classes(module))
+    }
+    stale = []
+    for name, path in targets.items():
+        text = schema.render(schema.build_schema(module, name))
+        if not check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(path)
+        elif not path.is_file() or path.read_text() != text:
+            stale.append(f"{path} is out of date")
+    if not class_name:  # a schema left behind by a predictor that is gone
+        for path in sorted((folder / schema.VARIANT_SCHEMA_DIR).glob("*.json")):
+            if path not in targets.values():
+                stale.append(f"{path} belongs to no predictor in {module_file}: remove it")
+    if stale:
+        print("\n".join(stale) + "\nRun `python -m flux_lora openapi`.", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flux_lora.models import REPO_ROOT, uses_tiny_model
-from flux_lora.openapi import SCHEMA_PATH
-from flux_lora.server import CogServer, decode_data_uri, file_to_data_uri
+from flux_lora.models import REPO_ROOT
+from flux_lora.openapi import schema_file
+from flux_lora.server import DEFAULT_PREDICTOR, CogServer, decode_data_uri, file_to_data_uri
 
 
 def parse_inputs(pairs: list[str], schema: dict[str, Any]) -> dict[str, Any]:
@@ -51,11 +51,16 @@ def _convert(name: str, text: str, json_type: str) -> Any:
     return text
 
 
-def predict(pairs: list[str], output_dir: Path, predictor: str = "predict.py:Predictor") -> int:
-    schema = json.loads((REPO_ROOT / SCHEMA_PATH).read_text())
+def predict(pairs: list[str], output_dir: Path, predictor: str = DEFAULT_PREDICTOR) -> int:
+    """Run one prediction of `predictor`, its inputs typed by that predictor's committed schema."""
+    path = schema_file(predictor, REPO_ROOT)
+    if not path.is_file():
+        raise SystemExit(
+            f"--predictor {predictor}: no schema at {path}. Is it a predictor of that file? "
+            "`python -m flux_lora openapi` writes one for each."
+        )
+    schema = json.loads(path.read_text())
     inputs = parse_inputs(pairs, schema)
-    if uses_tiny_model():
-        print("No FLUX weights found: using the tiny random model (its images are noise).", file=sys.stderr)
     output_dir.mkdir(parents=True, exist_ok=True)
     with CogServer(predictor=predictor) as server:
         health = server.start()

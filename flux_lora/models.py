@@ -1,14 +1,24 @@
-"""Which FLUX weights to load, from where: a real `FLUX_MODEL_DIR`, or the tiny embedded model."""
+"""Which weights to load, from where.
+
+The container loads `FLUX_MODEL_DIR` (default `weights/`). When folders are missing there, setup
+fetches them, as hosted containers do to keep the image small, unless the gated FLUX.1-dev is
+among them and no `HF_TOKEN` is set: then setup fails with one message that names both ways out.
+The tiny model is never a silent fallback: the scripts choose it, and say so, when no weights are
+present (`python -m flux_lora model-dir`).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from flux_lora import tiny
 from flux_lora.errors import ModelNotFoundError
+from flux_lora.model_files import missing_models
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "weights"
 TINY_MODEL_DIR = DEFAULT_MODEL_DIR / "tiny"
 RELEASES = tiny.RELEASES  # variant -> folder name, as in the Hugging Face repos
+GATED = RELEASES["dev"]
 
 
 @dataclass(frozen=True)
@@ -27,31 +38,38 @@ class ModelSource:
 
 
 def locate_models() -> ModelSource:
-    """`FLUX_MODEL_DIR` when set (it must hold both releases); else `weights/` when it holds
-    them; else the tiny model, built into `weights/tiny/` on first use."""
-    configured = os.environ.get("FLUX_MODEL_DIR")
-    if configured:
-        root = Path(configured).expanduser()
-        missing = missing_releases(root)
-        if missing:
-            raise ModelNotFoundError(
-                f"FLUX_MODEL_DIR={root} does not hold {' or '.join(missing)} "
-                "(each a diffusers folder with model_index.json). Put the weights there, point "
-                "FLUX_MODEL_DIR at the folder that holds them, or unset it to use the tiny model."
-            )
-        return ModelSource(root)
-    if not uses_tiny_model():
-        return ModelSource(DEFAULT_MODEL_DIR)
-    log.info(
-        "No FLUX weights in %s: serving the tiny random model (its images are noise).", DEFAULT_MODEL_DIR
-    )
-    return ModelSource(tiny.build(TINY_MODEL_DIR))
+    root = configured_model_dir()
+    missing = missing_models(root)
+    if missing:
+        _fetch(root, missing)
+    return ModelSource(root)
 
 
-def missing_releases(root: Path) -> list[str]:
-    return [name for name in RELEASES.values() if not (root / name / "model_index.json").is_file()]
+def configured_model_dir() -> Path:
+    return Path(os.environ.get("FLUX_MODEL_DIR") or DEFAULT_MODEL_DIR).expanduser()
 
 
-def uses_tiny_model() -> bool:
-    """True when neither FLUX_MODEL_DIR nor weights/ points at real weights."""
-    return not os.environ.get("FLUX_MODEL_DIR") and bool(missing_releases(DEFAULT_MODEL_DIR))
+def model_dir_for_scripts() -> Path:
+    """The configured folder when it holds the weights (or FLUX_MODEL_DIR is set: setup then
+    fetches or explains); otherwise the tiny model, built on first use, with a notice."""
+    root = configured_model_dir()
+    if os.environ.get("FLUX_MODEL_DIR") or not missing_models(root):
+        return root
+    print(f"No FLUX weights in {root}: using the tiny random model (its images are noise).", file=sys.stderr)
+    return tiny.build(TINY_MODEL_DIR)
+
+
+def _fetch(root: Path, missing: list[str]) -> None:
+    if GATED in missing and not os.environ.get("HF_TOKEN"):
+        raise ModelNotFoundError(
+            f"{root} does not hold {', '.join(missing)}. Either set HF_TOKEN to a token of a Hugging "
+            f"Face account that accepted the {GATED} licence, and setup fetches them there; or put them "
+            "there yourself (scripts/download-weights, or mount a folder and point FLUX_MODEL_DIR at "
+            "it). Without weights, ./scripts/predict and ./scripts/serve run the tiny model."
+        )
+    from flux_lora.model_download import download_models
+
+    log.info("Fetching %s into %s ...", ", ".join(missing), root)
+    started = time.perf_counter()
+    download_models(root, folders=missing, progress=False)
+    log.info("Fetched the missing weights in %.1f s", time.perf_counter() - started)

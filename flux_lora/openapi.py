@@ -1,30 +1,69 @@
-"""The OpenAPI document `cog build` would write to `.cog/openapi_schema.json`.
+"""The OpenAPI document `cog build` would write to `.cog/openapi_schema.json`, for each predictor.
 
 coglet (cog 0.23) validates inputs and serves `/openapi.json` only when that file exists, and the
 Go CLI that writes it cannot be installed here, so we generate it from the predictor with cog's
 own runtime inspector, following the CLI's conventions: inputs in `x-order`, titles from names,
 choices as `allOf` references to a component per input, optional inputs `nullable`.
+
+`predict.py` holds several predictors: the canonical `Predictor`, whose schema is
+`.cog/openapi_schema.json` (the file coglet and `cog build` use), and variants that reproduce
+older versions of the model, each committed at `.cog/schemas/<Class>.json`. Those older versions
+show their choices inline: a predictor class that sets `inline_enums = True` gets `type` and `enum`
+on the input itself and no component, as on their pages.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 SCHEMA_PATH = Path(".cog") / "openapi_schema.json"
+VARIANT_SCHEMA_DIR = Path(".cog") / "schemas"
+CANONICAL = "Predictor"
+INLINE_ENUMS = "inline_enums"  # the class attribute that asks for inline choices
+
+
+def schema_path(class_name: str) -> Path:
+    """Where a predictor's schema is committed, relative to the folder of its file."""
+    return SCHEMA_PATH if class_name in ("", CANONICAL) else VARIANT_SCHEMA_DIR / f"{class_name}.json"
+
+
+def schema_file(predictor: str, base: Path) -> Path:
+    """The committed schema of `predictor` (`file.py:Class`, the file relative to `base`)."""
+    module_file, _, class_name = predictor.partition(":")
+    return (base / module_file).resolve().parent / schema_path(class_name)
+
+
+def predictor_classes(module: str) -> list[str]:
+    """The predictors `module` defines: its runner classes with a `run` of their own, in file order."""
+    from cog import BaseRunner
+
+    loaded = importlib.import_module(module)
+    found = [
+        value
+        for value in vars(loaded).values()
+        if inspect.isclass(value)
+        and value.__module__ == loaded.__name__
+        and issubclass(value, BaseRunner)
+        and "run" in vars(value)
+    ]
+    return [cls.__name__ for cls in sorted(found, key=lambda cls: inspect.getsourcelines(cls)[1])]
 
 
 def build_schema(module: str, class_name: str) -> dict[str, Any]:
     from cog import _inspector
 
     info = _inspector.create_predictor(module, class_name)
+    inline_enums = bool(getattr(getattr(importlib.import_module(module), class_name), INLINE_ENUMS, False))
     inputs: dict[str, Any] = {}
     enums: dict[str, Any] = {}
     required = []
     for name, field in info.inputs.items():
         prop: dict[str, Any] = {"x-order": field.order}
-        if field.choices is not None:
+        if field.choices is not None and not inline_enums:
             prop["allOf"] = [{"$ref": f"#/components/schemas/{name}"}]
             enums[name] = {
                 "title": name,
@@ -35,6 +74,8 @@ def build_schema(module: str, class_name: str) -> dict[str, Any]:
         else:
             prop["title"] = name.replace("_", " ").title()
             prop.update(field.type.json_type())
+            if field.choices is not None:
+                prop["enum"] = field.choices
         optional = field.type.repetition.name == "OPTIONAL"
         if field.default is not None:
             prop["default"] = field.type.json_encode(field.default)

@@ -1,41 +1,58 @@
-"""Running the real Cog server (coglet) on loopback, and talking to it over HTTP.
+"""Running the real Cog server (coglet), and talking to it over HTTP.
 
-Used by `scripts/predict`, `scripts/bench` and the tests: the same server `cog predict` and
-Replicate run, started without Docker from the repository folder.
+Used by `scripts/predict`, `scripts/serve`, `scripts/bench` and the tests: the same server
+`cog predict` and Replicate run, started without Docker from the repository folder.
+
+coglet reads the schema it validates with and serves only from `.cog/openapi_schema.json` in its
+working folder, which is the canonical predictor's. Any other predictor of `predict.py` runs in a
+temporary working folder whose `.cog/openapi_schema.json` is a link to that predictor's committed
+schema (`.cog/schemas/<Class>.json`), with the predictor named by absolute path (cog loads it from
+its file) and the repository on `PYTHONPATH`, so `flux_lora` and `weights/` are the repository's.
+
+`python -m flux_lora.server [--predictor file.py:Class] [coglet options]` (`scripts/serve`) runs
+it in the foreground on `$PORT` (default 5000).
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import mimetypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from flux_lora import openapi
 from flux_lora.models import REPO_ROOT
 
 TERMINAL_SETUP = {"READY", "SETUP_FAILED", "UNHEALTHY"}
+DEFAULT_PREDICTOR = "predict.py:Predictor"
 
 
 @dataclass
 class CogServer:
-    """A coglet process serving `predictor` on a free loopback port."""
+    """A coglet process serving `predictor` (`file.py:Class`, the file relative to `cwd`)."""
 
-    predictor: str = "predict.py:Predictor"
+    predictor: str = DEFAULT_PREDICTOR
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path = REPO_ROOT
-    port: int = 0
+    port: int = 0  # 0: a free loopback port
+    host: str = "127.0.0.1"
+    args: list[str] = field(default_factory=list)  # more coglet options, e.g. ["--upload-url", URL]
     process: subprocess.Popen | None = None
     log_path: Path | None = None
+    workdir: Path | None = None  # a variant's temporary working folder (the canonical one runs in cwd)
 
     @property
     def url(self) -> str:
@@ -43,21 +60,54 @@ class CogServer:
 
     def start(self, timeout: float = 180) -> dict[str, Any]:
         """Start the server and wait for setup to end; returns the health-check body."""
+        if self.log_path:
+            with open(self.log_path, "wb") as log:
+                self.launch(stdout=log)
+        else:
+            self.launch(stdout=subprocess.DEVNULL)
+        return self.wait_for_setup(timeout)
+
+    def launch(self, stdout: IO[bytes] | int | None = None) -> None:
+        """Start coglet without waiting for setup; its output goes to `stdout` (None: ours)."""
         self.port = self.port or free_port()
-        env = {**os.environ, **self.env, "PORT": str(self.port), "COG_PREDICT_TYPE_STUB": self.predictor}
+        workdir, predictor = self._working_folder()
+        env = {**os.environ, **self.env, "PORT": str(self.port), "COG_PREDICT_TYPE_STUB": predictor}
         # coglet starts its worker as `python` from PATH: make that this interpreter.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=self.cwd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # the worker is a child: stop() signals the whole group
-        )
-        return self.wait_for_setup(timeout)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "cog.server.http", "--host", self.host, *self.args],
+                cwd=workdir,
+                env=env,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # the worker is a child: stop() signals the whole group
+            )
+        except BaseException:
+            self._remove_workdir()
+            raise
+
+    def _working_folder(self) -> tuple[Path, str]:
+        """The folder to start coglet in, and the predictor reference to give it there."""
+        module_file, _, class_name = self.predictor.partition(":")
+        if openapi.schema_path(class_name) == openapi.SCHEMA_PATH:
+            return self.cwd, self.predictor
+        schema = openapi.schema_file(self.predictor, self.cwd)
+        if not schema.is_file():
+            raise FileNotFoundError(
+                f"{schema} does not exist: generate the schema of {self.predictor} with "
+                "`python -m flux_lora openapi`"
+            )
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"cog-{class_name}-"))
+        (self.workdir / openapi.SCHEMA_PATH).parent.mkdir()
+        (self.workdir / openapi.SCHEMA_PATH).symlink_to(schema)
+        return self.workdir, f"{(self.cwd / module_file).resolve()}:{class_name}"
+
+    def _remove_workdir(self) -> None:
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
 
     def wait_for_setup(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -74,14 +124,16 @@ class CogServer:
         raise TimeoutError(f"cog server not ready after {timeout:.0f} s")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            if self.process is not None and self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+        finally:
+            self._remove_workdir()
 
     def __enter__(self) -> CogServer:
         return self
@@ -146,3 +198,41 @@ def decode_data_uri(uri: str) -> tuple[str, bytes]:
     if not header.startswith("data:") or not header.endswith(";base64"):
         raise ValueError(f"not a base64 data URI: {uri[:40]}...")
     return header[5:-7], base64.b64decode(payload)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`scripts/serve`: coglet in the foreground on `$HOST:$PORT` until interrupted."""
+    parser = argparse.ArgumentParser(
+        prog="scripts/serve", description="The Cog server in the foreground; other options go to coglet."
+    )
+    parser.add_argument(
+        "--predictor",
+        default=os.environ.get("COG_PREDICT_TYPE_STUB") or DEFAULT_PREDICTOR,
+        help="file.py:Class (default: $COG_PREDICT_TYPE_STUB, else %(default)s)",
+    )
+    options, coglet_args = parser.parse_known_args(argv)
+    server = CogServer(
+        predictor=options.predictor,
+        port=int(os.environ.get("PORT") or 5000),
+        host=os.environ.get("HOST") or "127.0.0.1",
+        args=coglet_args,
+    )
+    # coglet runs in its own process group: on Ctrl-C, SIGTERM or a closed terminal, stop it and
+    # remove its working folder before exiting.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        server.launch()
+        schema = openapi.schema_file(options.predictor, server.cwd)
+        print(
+            f"Serving {options.predictor} ({schema}) on {server.host}:{server.port}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return server.process.wait()
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

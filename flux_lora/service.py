@@ -61,6 +61,7 @@ class FluxLoraService:
     def setup(cls, weights: str | None = None) -> FluxLoraService:
         """Load both FLUX releases, and `weights` (`COG_WEIGHTS`), the model's own LoRA, as the
         main adapter: a reference that fails to fetch or load fails setup."""
+        started = time.perf_counter()
         trained = parse_lora_ref(weights, "COG_WEIGHTS", allow_local=True) if weights else None
         source = locate_models()
         pipelines = FluxPipelines.load(source)
@@ -70,6 +71,7 @@ class FluxLoraService:
         service = cls(pipelines, safety, output_root, fetcher, trained)
         if trained is not None:
             service._torch_thread.submit(service._apply_loras, GenerationRequest(prompt=""), False).result()
+        log.info("Setup done in %.2f s", time.perf_counter() - started)
         return service
 
     def predict(self, request: GenerationRequest) -> Prediction:

@@ -1,8 +1,9 @@
-"""Our committed OpenAPI schema against the contract on Replicate's FLUX LoRA model pages.
+"""Our committed OpenAPI schemas against the contract on Replicate's FLUX LoRA model pages.
 
 The saved pages live outside the repository (see `seedpages.seeds_dir`). Pages 000, 002 and 004
-show the canonical 21-input schema; 001 and 003 are other variants, only parsed here. Without
-the pages these tests skip, except under CI (`CI` set), where a missing contract is a failure.
+show the canonical 21-input schema (`Predictor`, `.cog/openapi_schema.json`); 001 and 003 are
+older versions, each reproduced by its own predictor (`.cog/schemas/<Class>.json`). Without the
+pages these tests skip, except under CI (`CI` set), where a missing contract is a failure.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from tests.seedpages import (
 
 SCHEMA_PATH = REPO_ROOT / ".cog" / "openapi_schema.json"
 CANONICAL_PAGES = ["000", "002", "004"]
+# Seed page -> the predictor of predict.py that reproduces it, and its committed schema.
+VARIANT_PAGES = {"001": "FirstReleasePredictor", "003": "GoFastPredictor"}
 
 # The canonical pages show these inputs with type None (an enum component) and hide the choices.
 HIDDEN_ENUMS = {
@@ -147,6 +150,48 @@ def test_variant_pages_parse() -> None:
             "title": "Output",
             "type": "array",
         }
+
+
+def variant_schema(class_name: str) -> dict[str, Any]:
+    return json.loads((REPO_ROOT / ".cog" / "schemas" / f"{class_name}.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(("prefix", "class_name"), VARIANT_PAGES.items())
+def test_variant_page_inputs_match_its_schema(prefix: str, class_name: str) -> None:
+    """Names, order, types (inline enums included), defaults, bounds and descriptions."""
+    schema = variant_schema(class_name)
+    differences = inputs_differences(load_page(prefix), schema)
+    assert not differences, f"{class_name} differs from seed page {prefix}:\n" + "\n".join(differences)
+
+
+@pytest.mark.parametrize(("prefix", "class_name"), VARIANT_PAGES.items())
+def test_variant_page_output_and_required_match_its_schema(prefix: str, class_name: str) -> None:
+    components = variant_schema(class_name)["components"]["schemas"]
+    assert components["Output"] == load_page(prefix).output
+    assert components["Input"]["required"] == ["prompt"]
+
+
+@pytest.mark.parametrize(("prefix", "class_name"), VARIANT_PAGES.items())
+def test_variant_pages_show_every_choice_inline(prefix: str, class_name: str) -> None:
+    """Those pages show no `None` type: every enum is inline, and no enum component is left over."""
+    page = load_page(prefix)
+    assert all(item.type != "None" for item in page.inputs)
+    components = variant_schema(class_name)["components"]["schemas"]
+    assert not any("enum" in schema for schema in components.values())
+    inline = {name for name, prop in components["Input"]["properties"].items() if "enum" in prop}
+    assert inline == {item.name for item in page.inputs if item.options is not None}
+
+
+def test_variant_pages_differ_from_the_canonical_one() -> None:
+    """What sets 001 and 003 apart from 000, so that a regression to the canonical form shows."""
+    canonical = load_page("000")
+    first, go_fast = load_page("001"), load_page("003")
+    assert set(canonical.names) - set(first.names) == {"go_fast", "megapixels", "replicate_weights"}
+    assert set(canonical.names) - set(go_fast.names) == {"replicate_weights"}
+    assert first.input("guidance_scale").default == "3.5"
+    assert first.input("output_quality").default == "90"
+    assert (first.input("lora_scale").maximum, first.input("extra_lora_scale").maximum) == (2, 2)
+    assert go_fast.input("go_fast").default == "True"
 
 
 TABLE_PAGE = """\

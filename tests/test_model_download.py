@@ -24,6 +24,8 @@ from flux_lora.download import DownloadError
 from flux_lora.errors import ModelNotFoundError
 from flux_lora.model_download import STAGING, download_models
 from flux_lora.model_files import MARKER, MODEL_REPOS, missing_models, select_files, verify_models
+from flux_lora.server import CogServer
+from tests.conftest import predict_ok
 from tests.fakes import Exchange, FakeServer, HubRepo, add_hub, add_hub_files_metadata, make_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -443,3 +445,34 @@ def test_script_end_to_end(hub, sources, tmp_path):
     assert "FLUX.1-dev and FLUX.1-schnell: loads" in output
     assert output.strip().endswith("present and load")
     assert_same_files(root, sources)
+
+
+def test_setup_fetches_missing_weights_when_hf_token_is_set(hub, sources, tmp_path):
+    models = tmp_path / "models"
+    env = {
+        "FLUX_MODEL_DIR": str(models),
+        "HF_ENDPOINT": hub.url,
+        "HF_TOKEN": TOKEN,
+        "FLUX_LORA_CACHE_DIR": str(tmp_path / "lora-cache"),
+    }
+    with CogServer(env=env, log_path=tmp_path / "coglet.log") as server:
+        health = server.start()
+        assert health["status"] == "READY", health["setup"]["logs"][-2000:]
+        assert f"Fetching {', '.join(MODEL_REPOS)} into {models}" in health["setup"]["logs"]
+        predict_ok(server, prompt="a cat", num_inference_steps=1, megapixels="0.25")
+    assert_same_files(models, sources)
+    assert not [path for path in gets(hub) if re.fullmatch(DECOY_PATHS, path)]
+    assert TOKEN not in (tmp_path / "coglet.log").read_text()
+
+
+def test_setup_without_token_names_both_ways_out(tmp_path):
+    models = tmp_path / "empty"
+    env = {"FLUX_MODEL_DIR": str(models), "HF_TOKEN": "", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    with CogServer(env=env) as server:
+        health = server.start()
+        assert health["status"] == "SETUP_FAILED"
+        logs = health["setup"]["logs"]
+        assert (
+            f"{models} does not hold FLUX.1-dev, FLUX.1-schnell, safety-checker, nsfw-image-detection" in logs
+        )
+        assert "Either set HF_TOKEN" in logs and "scripts/download-weights" in logs

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flux_lora.errors import ModelNotFoundError
 from flux_lora.safety import SafetyChecker
 from flux_lora.server import CogServer
 from flux_lora.tiny_checkers import NSFW_CLASSIFIER_DIR, NSFW_LABELS, SAFETY_CHECKER_DIR
@@ -129,12 +130,24 @@ def test_failing_second_opinion_counts_as_unsafe(tiny_model_dir, batch, tmp_path
     assert "Safety second opinion failed (RuntimeError); the image counts as unsafe" in caplog.text
 
 
-def test_missing_checkers_fail_setup_with_the_fix(tiny_model_dir, tmp_path):
+def test_missing_checkers_are_fetched_at_setup_and_fail_readably_when_they_cannot_be(
+    tiny_model_dir, tmp_path
+):
     root = tmp_path / "models"
     shutil.copytree(tiny_model_dir, root, ignore=shutil.ignore_patterns(NSFW_CLASSIFIER_DIR))
-    with CogServer(env={"FLUX_MODEL_DIR": str(root), **NO_SERVICES}) as server:
+    with CogServer(env={"FLUX_MODEL_DIR": str(root), "HF_TOKEN": "", **NO_SERVICES}) as server:
         health = server.start()
+        logs = health["setup"]["logs"]
         assert health["status"] == "SETUP_FAILED"
-        assert (
-            f"The safety checkers are missing from {root}: {NSFW_CLASSIFIER_DIR}" in health["setup"]["logs"]
-        )
+        # Public repos need no token, so setup tries; a failed setup reports only its error.
+        assert f"{NSFW_CLASSIFIER_DIR} (Falconsai/nsfw_image_detection): could not be downloaded" in logs
+        assert "http://127.0.0.1:9" in logs and "run again" in logs
+
+
+def test_loading_without_checkers_names_the_fix(tiny_model_dir, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, root, ignore=shutil.ignore_patterns(NSFW_CLASSIFIER_DIR))
+    with pytest.raises(
+        ModelNotFoundError, match=f"The safety checkers are missing from {root}: {NSFW_CLASSIFIER_DIR}"
+    ):
+        SafetyChecker.load(root, torch.device("cpu"), torch.float32)
