@@ -15,3 +15,7 @@ class ModelNotFoundError(FluxLoraError, FileNotFoundError):
 
 class UnsafeImageError(FluxLoraError, RuntimeError):
     """Every generated image was flagged by the safety checker."""
+
+
+class CanceledError(FluxLoraError, RuntimeError):
+    """The prediction was canceled; raised inside the work so it stops at the next step."""

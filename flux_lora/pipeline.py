@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from flux_lora.errors import CanceledError
 from flux_lora.models import RELEASES, ModelSource
 from flux_lora.quant import fp8_copy
 from flux_lora.schema import GenerationRequest
@@ -87,6 +89,7 @@ class FluxPipelines:
         image: Image.Image | None = None,
         mask: Image.Image | None = None,
         fast: bool = False,
+        cancel: threading.Event | None = None,
     ) -> list[Image.Image]:
         variant = self.variant(request.model, fast=fast)
         width, height = size
@@ -101,6 +104,8 @@ class FluxPipelines:
             max_sequence_length=MAX_SEQUENCE_LENGTH[variant.name],
             output_type="pil",
         )
+        if cancel is not None:
+            kwargs["callback_on_step_end"] = _stop_when(cancel)
         if variant.uses_guidance:
             kwargs["guidance_scale"] = request.guidance_scale
         if mask is not None:
@@ -113,6 +118,17 @@ class FluxPipelines:
             pipe = variant.txt2img
         with torch.inference_mode():
             return list(pipe(**kwargs).images)
+
+
+def _stop_when(cancel: threading.Event):
+    """A step callback that ends the denoising loop once `cancel` is set."""
+
+    def check(pipe, step: int, timestep, tensors: dict) -> dict:
+        if cancel.is_set():
+            raise CanceledError(f"canceled after step {step + 1}")
+        return tensors
+
+    return check
 
 
 def default_device() -> torch.device:

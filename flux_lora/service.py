@@ -6,8 +6,9 @@ import logging
 import secrets
 import shutil
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from flux_lora.weights import LoraFetcher
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = DEFAULT_MODEL_DIR / "lora-cache"
+CANCEL_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,23 @@ class FluxLoraService:
         return service
 
     def predict(self, request: GenerationRequest) -> Prediction:
-        return self._torch_thread.submit(self._predict, request).result()
+        """Runs the prediction on the torch thread. coglet cancels by raising in *this* thread,
+        which a blocking wait would not notice until the work ends: so we wait in short slices,
+        and on cancellation tell the work to stop at its next denoising step, wait for it to
+        stop (the next prediction must start clean), and let the cancellation through."""
+        cancel = threading.Event()
+        future = self._torch_thread.submit(self._predict, request, cancel)
+        try:
+            while not wait([future], timeout=CANCEL_POLL_S).done:
+                pass
+        except BaseException:
+            cancel.set()
+            wait([future])
+            log.info("Canceled")
+            raise
+        return future.result()
 
-    def _predict(self, request: GenerationRequest) -> Prediction:
+    def _predict(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Prediction:
         # 1. Rules across fields (cog has checked each field alone).
         check_request(request)
 
@@ -107,7 +123,9 @@ class FluxLoraService:
 
         # 6. Generate and save. Files of the previous prediction have been delivered by now.
         log.info("%s %s %dx%d, %d step(s)", request.model, request.mode, *size, request.num_inference_steps)
-        images = self.pipelines.generate(request, size=size, seed=seed, image=image, mask=mask, fast=fast)
+        images = self.pipelines.generate(
+            request, size=size, seed=seed, image=image, mask=mask, fast=fast, cancel=cancel
+        )
         if not request.disable_safety_checker:
             images = self._safe_only(images)
         folder = self._fresh_output_dir()
