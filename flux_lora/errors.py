@@ -19,3 +19,7 @@ class UnsafeImageError(FluxLoraError, RuntimeError):
 
 class CanceledError(FluxLoraError, RuntimeError):
     """The prediction was canceled; raised inside the work so it stops at the next step."""
+
+
+class GenerationMemoryError(FluxLoraError, MemoryError):
+    """The device ran out of memory for this request; smaller requests still fit."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import threading
@@ -118,6 +119,14 @@ class FluxPipelines:
             pipe = variant.txt2img
         with torch.inference_mode():
             return list(pipe(**kwargs).images)
+
+
+def release_memory(device: torch.device) -> None:
+    """After a failed call: free what it held, so the next request finds the memory it would
+    find in a fresh container."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _stop_when(cancel: threading.Event):

@@ -12,14 +12,16 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from flux_lora.cache import LoraCache
-from flux_lora.errors import UnsafeImageError
+from flux_lora.errors import GenerationMemoryError, UnsafeImageError
 from flux_lora.images import load_image, load_mask
 from flux_lora.lora import GO_FAST_SCALE, AdapterSet, WantedAdapter
 from flux_lora.lora_refs import LoraRef, parse_lora_ref
 from flux_lora.models import DEFAULT_MODEL_DIR, locate_models
 from flux_lora.output import save_images
-from flux_lora.pipeline import FluxPipelines
+from flux_lora.pipeline import FluxPipelines, release_memory
 from flux_lora.safety import SafetyChecker
 from flux_lora.schema import CUSTOM, GenerationRequest, check_request, resolve_size
 from flux_lora.weights import LoraFetcher
@@ -68,7 +70,7 @@ class FluxLoraService:
         source = locate_models()
         pipelines = FluxPipelines.load(source)
         safety = SafetyChecker.load(source.root, pipelines.device, pipelines.dtype)
-        fetcher = LoraFetcher(LoraCache.from_env(DEFAULT_CACHE_DIR))
+        fetcher = LoraFetcher.from_env(LoraCache.from_env(DEFAULT_CACHE_DIR))
         output_root = Path(tempfile.mkdtemp(prefix="flux-lora-out-"))
         service = cls(pipelines, safety, output_root, fetcher, trained)
         if trained is not None:
@@ -123,9 +125,19 @@ class FluxLoraService:
 
         # 6. Generate and save. Files of the previous prediction have been delivered by now.
         log.info("%s %s %dx%d, %d step(s)", request.model, request.mode, *size, request.num_inference_steps)
-        images = self.pipelines.generate(
-            request, size=size, seed=seed, image=image, mask=mask, fast=fast, cancel=cancel
-        )
+        try:
+            images = self.pipelines.generate(
+                request, size=size, seed=seed, image=image, mask=mask, fast=fast, cancel=cancel
+            )
+        except BaseException as err:
+            release_memory(self.pipelines.device)
+            if isinstance(err, torch.OutOfMemoryError):
+                raise GenerationMemoryError(
+                    f"Out of memory generating {request.num_outputs} image(s) of {size[0]}x{size[1]} on "
+                    f"{self.pipelines.device.type}. Ask for fewer outputs (num_outputs) or a smaller size "
+                    "(megapixels=0.25, or a smaller custom width and height)."
+                ) from err
+            raise
         if not request.disable_safety_checker:
             images = self._safe_only(images)
         folder = self._fresh_output_dir()

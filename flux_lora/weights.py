@@ -14,6 +14,7 @@ import binascii
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -75,6 +76,24 @@ class LoraFetcher:
             allow_private=allow_private,
             is_public_address=is_public_address,
         )
+
+    @classmethod
+    def from_env(cls, cache: LoraCache) -> LoraFetcher:
+        """FLUX_LORA_DOWNLOAD_TIMEOUT_S (seconds without data before a download fails, default 30)
+        and FLUX_LORA_ALLOW_PRIVATE_URLS."""
+        raw = os.environ.get("FLUX_LORA_DOWNLOAD_TIMEOUT_S", "").strip()
+        if not raw:
+            return cls(cache)
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise InputError(
+                f"FLUX_LORA_DOWNLOAD_TIMEOUT_S={raw!r} is not a duration: set it to a number of seconds "
+                "above 0 (e.g. 30), or unset it for the default of 30"
+            )
+        return cls(cache, timeout_s=seconds)
 
     def fetch(self, ref: LoraRef, input_name: str) -> FetchedLora:
         where = f"{input_name}: {ref.display}"

@@ -19,6 +19,7 @@ from tests.fakes import (
     add_civitai,
     add_hub,
     add_replicate,
+    hostile_tar,
     make_replicate_tar,
     make_safetensors,
 )
@@ -86,6 +87,12 @@ def world(tiny_model_dir, tmp_path_factory) -> Iterator[World]:
         api.status("/files/private.safetensors", 401)
         api.truncated("/files/cut.safetensors", LORA[4][:5000], claimed=len(LORA[4]))
         api.endless("/files/huge.safetensors", total=1 << 20, announce=3 * 1024**3)  # claims 3 GiB
+        api.status("/files/forbidden.safetensors", 403)
+        api.status("/files/broken.safetensors", 500)
+        api.stall("/files/stall.safetensors", LORA[4], seconds=30)
+        api.file("/files/header-claims-gigabytes.safetensors", (10**10).to_bytes(8, "little") + b"{}")
+        for kind in ("dotdot", "absolute", "symlink", "two"):
+            api.file(f"/files/{kind}.tar", hostile_tar(kind, LORA[4])[0])
         env = {
             "FLUX_MODEL_DIR": str(tiny_model_dir),
             "FLUX_LORA_CACHE_DIR": str(folder / "cache"),
@@ -94,6 +101,7 @@ def world(tiny_model_dir, tmp_path_factory) -> Iterator[World]:
             "HF_ENDPOINT": api.url,
             "FLUX_LORA_CIVITAI_URL": api.url,
             "FLUX_LORA_ALLOW_PRIVATE_URLS": "1",
+            "FLUX_LORA_DOWNLOAD_TIMEOUT_S": "1",
             **SECRETS,
         }
         log_path = folder / "coglet.log"
@@ -191,6 +199,16 @@ def test_go_fast_multiplies_both_scales_when_fp8_runs(world: World):
         ({"replicate_weights": "UNAUTHORIZED"}, ["replicate_weights", "401"]),
         ({"replicate_weights": "CUT"}, ["replicate_weights", "cut off after 5000 of"]),
         ({"extra_lora": "HUGE"}, ["extra_lora", "larger than the 2 GiB limit"]),
+        ({"replicate_weights": "FORBIDDEN"}, ["replicate_weights", "403"]),
+        ({"replicate_weights": "BROKEN"}, ["replicate_weights", "500", "try again later"]),
+        ({"replicate_weights": "STALL"}, ["replicate_weights", "timed out"]),
+        ({"replicate_weights": "CLAIMS_GB"}, ["not a safetensors file", "header claims 10000000000 bytes"]),
+        ({"replicate_weights": "DOTDOT"}, ["replicate_weights", "'..'"]),
+        ({"replicate_weights": "ABSOLUTE"}, ["replicate_weights", "an absolute path"]),
+        ({"replicate_weights": "SYMLINK"}, ["replicate_weights", "a link"]),
+        ({"replicate_weights": "TWO"}, ["replicate_weights", "several .safetensors files"]),
+        ({"replicate_weights": "file:///etc/passwd"}, ["the file: scheme is not supported"]),
+        ({"extra_lora": "ftp://127.0.0.1/l.safetensors"}, ["extra_lora", "the ftp: scheme is not supported"]),
         ({"extra_lora": "PAGE"}, ["extra_lora", "not a safetensors file"]),
         ({"replicate_weights": "SDXL"}, ["replicate_weights", "FLUX"]),
         (
@@ -213,6 +231,14 @@ def test_bad_loras_fail_precisely_and_leave_the_base_model_intact(world: World, 
         "UNAUTHORIZED": "/files/private.safetensors",
         "CUT": "/files/cut.safetensors",
         "HUGE": "/files/huge.safetensors",
+        "FORBIDDEN": "/files/forbidden.safetensors",
+        "BROKEN": "/files/broken.safetensors",
+        "STALL": "/files/stall.safetensors",
+        "CLAIMS_GB": "/files/header-claims-gigabytes.safetensors",
+        "DOTDOT": "/files/dotdot.tar",
+        "ABSOLUTE": "/files/absolute.tar",
+        "SYMLINK": "/files/symlink.tar",
+        "TWO": "/files/two.tar",
     }
     inputs = {k: f"{world.api.url}{files[v]}" if v in files else v for k, v in inputs.items()}
     error = world.error(**inputs)
