@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from flux_lora.server import CogServer
+from flux_lora import tiny
+from flux_lora.server import CogServer, bytes_to_data_uri
 from tests.conftest import NO_SERVICES, output_images, predict_failed, predict_ok
+from tests.fakes import Exchange, FakeServer
 
 FAULTS = Path(__file__).parent / "faults"
 QUICK = {"num_inference_steps": 2, "megapixels": "0.25", "seed": 4, "output_format": "png"}
@@ -36,3 +41,51 @@ def test_out_of_memory_fails_the_request_with_the_fix_and_the_container_stays_re
     assert faulty_server.get("/health-check")["status"] == "READY"
     after = output_images(predict_ok(faulty_server, prompt="a cat", **QUICK))
     assert after == output_images(predict_ok(server, prompt="a cat", **QUICK))  # as a fresh container
+
+
+def test_container_killed_mid_download_leaves_nothing_the_next_one_would_serve(tiny_model_dir, tmp_path):
+    """The first server is SIGKILLed while the LoRA is half sent; a second server on the same
+    cache folder must download it again, whole, and apply exactly what a clean fetch applies."""
+    lora = tiny.random_lora(seed=8)
+    half_sent = threading.Event()
+
+    def first_stalls_then_serves(ex: Exchange) -> None:
+        if ex.server.count(r"/files/slow\.safetensors") == 1:
+            ex.start(200, {"Content-Type": "application/octet-stream"}, len(lora))
+            ex.write(lora[: len(lora) // 2])
+            half_sent.set()
+            ex.server.closing.wait(30)
+            ex.handler.close_connection = True
+        else:
+            ex.send(200, lora, {"Content-Type": "application/octet-stream"})
+
+    cache = tmp_path / "cache"
+    with FakeServer() as files:
+        files.route(r"/files/slow\.safetensors", first_stalls_then_serves)
+        reference = f"{files.url}/files/slow.safetensors"
+        env = {
+            "FLUX_MODEL_DIR": str(tiny_model_dir),
+            "FLUX_LORA_CACHE_DIR": str(cache),
+            "FLUX_LORA_ALLOW_PRIVATE_URLS": "1",
+            **NO_SERVICES,
+        }
+        first = CogServer(env=env)
+        assert first.start()["status"] == "READY"
+        request = threading.Thread(
+            target=first.predict, args=({"prompt": "a cat", "replicate_weights": reference},)
+        )
+        request.start()
+        assert half_sent.wait(30)
+        os.killpg(first.process.pid, signal.SIGKILL)  # the whole container, worker included
+        first.process.wait()
+        request.join(10)
+        assert not any(cache.rglob("lora.safetensors")), "a partial download entered the cache"
+
+        with CogServer(env=env) as second:
+            assert second.start()["status"] == "READY"
+            body = predict_ok(second, prompt="a cat", replicate_weights=reference, **QUICK)
+            assert body["metrics"]["lora_from_cache"] == 0  # fetched again, not the half file
+            again = predict_ok(second, prompt="a cat", replicate_weights=bytes_to_data_uri(lora), **QUICK)
+        assert output_images(body) == output_images(again)
+    cached = list(cache.rglob("lora.safetensors"))  # the URL's entry and the data: URL's
+    assert len(cached) == 2 and all(path.read_bytes() == lora for path in cached)
