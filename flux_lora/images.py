@@ -1,34 +1,95 @@
-"""Decoding the img2img/inpaint inputs into what the pipelines take."""
+"""Decoding the img2img/inpaint inputs into what the pipelines take.
+
+Any format and mode Pillow reads becomes RGB of the input's size (EXIF orientation applied):
+16-bit greyscale is scaled to 8 bits, CMYK and palettes converted, transparency composited.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from flux_lora.errors import InputError
-from flux_lora.schema import fit_input_size
+from flux_lora.schema import MAX_IMAGE_SIDE, fit_input_size
+
+log = logging.getLogger(__name__)
+
+# Declared size refused before decoding: inputs end at most 1440 px on a side, so more pixels only
+# cost memory. 64 MP admits common camera photos (48-50 MP phones; 8K video frames are 33 MP), is at
+# most 256 MB decoded, and is under Pillow's own bomb limit (89 MP, a warning), which never fires.
+MAX_INPUT_MEGAPIXELS = 64
+# Transparent areas become white in an image (what viewers show on a page), black in a mask
+# (nothing painted there, so nothing repainted).
+IMAGE_BACKGROUND = (255, 255, 255)
+MASK_BACKGROUND = (0, 0, 0)
+# Mask pixels this grey or brighter are repainted, darker ones kept. FluxInpaintPipeline binarizes
+# at 0.5 anyway (its mask_processor has do_binarize=True); doing it here shows an empty mask.
+MASK_THRESHOLD = 128
+# 16-bit greyscale (PNG, TIFF) holds 0..65535: Pillow's convert would clip it to white, so scale it.
+SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+# Decoding failures that mean "not a (whole) image": truncated, corrupt, unknown format.
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)
 
 
 def load_image(path: os.PathLike, name: str = "image") -> Image.Image:
-    """An RGB image, EXIF orientation applied, scaled to fit the size bound (sides /16)."""
-    image = _open(path, name).convert("RGB")
+    """RGB, EXIF orientation applied, scaled to fit the size bound (sides multiples of 16)."""
+    image = _open(path, name, IMAGE_BACKGROUND)
     return image.resize(fit_input_size(*image.size), Image.Resampling.LANCZOS)
 
 
 def load_mask(path: os.PathLike, size: tuple[int, int]) -> Image.Image:
-    """A greyscale mask resized to the image's size: white is repainted, black is kept."""
-    mask = _open(path, "mask").convert("L")
-    return mask.resize(size, Image.Resampling.LANCZOS)
+    """A black-and-white mask of the image's size: white is repainted, black is kept."""
+    mask = _open(path, "mask", MASK_BACKGROUND).convert("L").resize(size, Image.Resampling.LANCZOS)
+    brightest = mask.getextrema()[1]
+    if brightest < MASK_THRESHOLD:
+        log.info(
+            "mask: nothing to repaint (brightest pixel %d, below the threshold %d): the output is the "
+            "input image through the VAE. Paint the areas to repaint white (>= %d).",
+            brightest,
+            MASK_THRESHOLD,
+            MASK_THRESHOLD,
+        )
+    return mask.point(lambda value: 255 if value >= MASK_THRESHOLD else 0)
 
 
-def _open(path: os.PathLike, name: str) -> Image.Image:
+def _open(path: os.PathLike, name: str, background: tuple[int, int, int]) -> Image.Image:
     try:
         with Image.open(path) as image:
+            _check_size(name, image.width * image.height, f"{image.width}x{image.height} = ")
+            if getattr(image, "is_animated", False):
+                log.info("%s: animated (%d frames): the first frame is used", name, image.n_frames)
             image.load()
-            return ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError) as err:
+            return _to_rgb(ImageOps.exif_transpose(image), background)
+    except InputError:
+        raise
+    except Image.DecompressionBombError as err:  # over twice Pillow's limit: refused in open()
+        found = re.search(r"\((\d+) pixels\)", str(err))  # "Image size (400000000 pixels) exceeds..."
+        _check_size(name, int(found[1]) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0))
+        raise
+    except UNREADABLE as err:
+        detail = str(err).split(" '")[0][:80]  # Pillow's messages end with the temporary file's path
         raise InputError(
-            f"{name}: the file could not be read as an image ({err.__class__.__name__}). "
-            "Send a PNG, JPEG or WebP file."
+            f"{name}: the file could not be read as an image ({err.__class__.__name__}: {detail}). "
+            "Send a whole PNG, JPEG or WebP file."
         ) from err
+
+
+def _check_size(name: str, pixels: int, sides: str = "") -> None:
+    if pixels > MAX_INPUT_MEGAPIXELS * 1_000_000:
+        raise InputError(
+            f"{name}: too large to decode ({sides}{pixels / 1e6:.1f} megapixels declared; the limit is "
+            f"{MAX_INPUT_MEGAPIXELS}). Send at most {MAX_INPUT_MEGAPIXELS} megapixels: inputs are scaled "
+            f"down to fit {MAX_IMAGE_SIDE} px anyway."
+        )
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = image.point(lambda value: value / 256).convert("L")
+    if not image.has_transparency_data:
+        return image.convert("RGB")
+    canvas = Image.new("RGBA", image.size, (*background, 255))
+    return Image.alpha_composite(canvas, image.convert("RGBA")).convert("RGB")

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 SHAREABLE = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae")
 # T5 prompt length each release was trained with.
 MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
+# Warnings that diffusers and transformers give for a prompt over an encoder's limit, replaced by
+# one short line per encoder (`_log_truncation`): diffusers quotes the whole cut-off text (the T5
+# one cut at CLIP's 77th token), transformers speaks of "indexing errors" that cannot happen.
+TRUNCATION_WARNINGS = ("The following part of your input was truncated", "Token indices sequence length")
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class FluxPipelines:
             kwargs.update(image=image, strength=request.prompt_strength)
         else:
             pipe = variant.txt2img
+        _log_truncation(variant.txt2img, request.prompt, MAX_SEQUENCE_LENGTH[variant.name])
         with torch.inference_mode():
             return list(pipe(**kwargs).images)
 
@@ -140,6 +145,25 @@ def _stop_when(cancel: threading.Event):
     return check
 
 
+def _log_truncation(pipe, prompt: str, t5_limit: int) -> None:
+    """One line per text encoder that reads only the start of the prompt."""
+    for encoder, tokenizer, limit in (
+        ("CLIP", pipe.tokenizer, pipe.tokenizer_max_length),
+        ("T5", pipe.tokenizer_2, t5_limit),
+    ):
+        count = len(tokenizer(prompt, verbose=False).input_ids)
+        if count > limit:
+            log.info("Prompt truncated: %s keeps %d of %d tokens", encoder, limit, count)
+
+
+class _DropTruncationWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TRUNCATION_WARNINGS)
+
+
+_DROP_TRUNCATION_WARNINGS = _DropTruncationWarnings()  # one instance: addFilter is then idempotent
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -161,6 +185,9 @@ def _load_components(
     # Progress bars would land in every setup log as carriage-return noise.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    for name in ("pipeline_flux", "pipeline_flux_img2img", "pipeline_flux_inpaint"):
+        logging.getLogger(f"diffusers.pipelines.flux.{name}").addFilter(_DROP_TRUNCATION_WARNINGS)
+    logging.getLogger("transformers.tokenization_utils_base").addFilter(_DROP_TRUNCATION_WARNINGS)
 
     classes = {
         "scheduler": FlowMatchEulerDiscreteScheduler,
