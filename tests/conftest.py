@@ -10,6 +10,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 import base64
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,20 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         health = cog.start()
         assert health["status"] == "READY", health
         yield cog
+
+
+def becomes_ready(server: CogServer, timeout: float = 5.0) -> bool:
+    """True once /health-check says READY. coglet releases its slot just after it answers, so
+    right after a prediction (above all a failed one, on a loaded machine) it may still say BUSY
+    for a moment; what must never happen is UNHEALTHY or a slot that stays taken."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = server.get("/health-check")["status"]
+        if status == "READY":
+            return True
+        assert status == "BUSY", status
+        time.sleep(0.02)
+    return False
 
 
 def predict_ok(server: CogServer, **inputs: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from flux_lora.server import CogServer
-from tests.conftest import output_images, predict_ok
+from tests.conftest import becomes_ready, output_images, predict_ok
 
 SLOW = {"prompt": "a cat", "num_inference_steps": 50, "seed": 1}  # 1024x1024: seconds on this CPU
 QUICK = {"prompt": "a cat", "num_inference_steps": 2, "megapixels": "0.25", "seed": 3}
@@ -85,5 +85,5 @@ def test_cancel_mid_denoise_stops_within_a_step_and_changes_nothing(server: CogS
     assert "Canceled" in result["logs"] and "50 step(s)" in result["logs"]
     # A step at 1024x1024 takes about 0.1 s here: "within a step or two" with room for a slow machine.
     assert stopped_in < 2.0, stopped_in
-    assert server.get("/health-check")["status"] == "READY"
+    assert becomes_ready(server)
     assert output_images(predict_ok(server, **QUICK)) == before

@@ -12,7 +12,7 @@ import pytest
 
 from flux_lora import tiny
 from flux_lora.server import CogServer, bytes_to_data_uri
-from tests.conftest import NO_SERVICES, output_images, predict_failed, predict_ok
+from tests.conftest import NO_SERVICES, becomes_ready, output_images, predict_failed, predict_ok
 from tests.fakes import Exchange, FakeServer
 
 FAULTS = Path(__file__).parent / "faults"
@@ -38,7 +38,7 @@ def test_out_of_memory_fails_the_request_with_the_fix_and_the_container_stays_re
     error = predict_failed(faulty_server, prompt="a cat FAULT_OOM", num_outputs=4, **QUICK)
     assert "Out of memory generating 4 image(s) of 512x512 on cpu" in error
     assert "fewer outputs (num_outputs) or a smaller size" in error
-    assert faulty_server.get("/health-check")["status"] == "READY"
+    assert becomes_ready(faulty_server)
     after = output_images(predict_ok(faulty_server, prompt="a cat", **QUICK))
     assert after == output_images(predict_ok(server, prompt="a cat", **QUICK))  # as a fresh container
 

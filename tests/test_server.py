@@ -12,14 +12,22 @@ from flux_lora.models import REPO_ROOT
 from flux_lora.openapi import SCHEMA_PATH
 from flux_lora.schema import ASPECT_RATIOS
 from flux_lora.server import CogServer
-from tests.conftest import NO_SERVICES, image_data_uri, open_image, output_images, predict_failed, predict_ok
+from tests.conftest import (
+    NO_SERVICES,
+    becomes_ready,
+    image_data_uri,
+    open_image,
+    output_images,
+    predict_failed,
+    predict_ok,
+)
 
 FAST = {"num_inference_steps": 1, "megapixels": "0.25", "seed": 7}
 
 
 def test_health_check_is_ready_after_setup(server: CogServer):
+    assert becomes_ready(server)
     health = server.get("/health-check")
-    assert health["status"] == "READY"
     assert "FLUX.1-schnell/vae: identical to FLUX.1-dev's, shared" in health["setup"]["logs"]
 
 
