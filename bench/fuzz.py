@@ -11,9 +11,10 @@ What the fuzzer is given, and why. The schema is the one the server serves, with
 that steer, not hide: `input` is required in a prediction request, the input object takes no
 unknown keys (coglet drops those), and optional inputs are not `nullable` (the served schema says
 they are, but coglet answers a null with a 422), so positive examples are real predictions rather
-than bodies without an input or with nulls. And `image` and `mask` are any URI or one of a few
-small data: URI images (a generated URL never resolves here, so img2img and inpaint would go
-untested); the coverage phase's placeholder URL is swapped for them too. Cost is bounded after generation: a `num_inference_steps` or `num_outputs`
+than bodies without an input or with nulls. And `image` and `mask` are one of a few small data:
+URI images: coglet downloads an http(s) URL given for an image itself, before run(), so a
+generated URL would make it resolve random hostnames off this machine; the coverage phase's
+placeholder URL is swapped for them too. Cost is bounded after generation: a `num_inference_steps` or `num_outputs`
 inside the schema's bounds is lowered to at most 2, and one left out is set to its default or 2,
 whichever is smaller (50 steps, 4 outputs at 1440x1440 take minutes on a CPU, and the default of
 28 steps at 1024x1024 about 10 s); values outside the bounds are sent as generated (they must be
@@ -120,15 +121,12 @@ def generation_schema(served: dict[str, Any]) -> dict[str, Any]:
         # (DESIGN.md): positive examples leave them out instead of sending null.
         prop.pop("nullable", None)
     for name, uris in _sample_images().items():
-        # Any URI, or one of a few real images: a generated URI never resolves here (coglet
-        # fails the prediction before run()), so without these img2img and inpaint go untested.
+        # Only a few real images, as data: URIs: coglet itself downloads an http(s) URL given
+        # for a Path input before run(), so a generated URL would send it to resolve random
+        # hostnames off this machine; and img2img and inpaint get tested.
         prop = components["Input"]["properties"][name]
-        alternatives = [
-            {"type": "string", "format": prop.pop("format", "uri")},
-            {"type": "string", "enum": uris},
-        ]
-        prop.pop("type", None)
-        prop["anyOf"] = alternatives
+        prop.pop("format", None)
+        prop["enum"] = uris
     return schema
 
 
