@@ -17,11 +17,11 @@ output counts, formats and LoRA scales, and the same figures are taken again.
 What is measured, and what "flat" means here (the tolerances and why):
 - worker RSS (VmRSS of coglet's worker, the server's child process), and the server's own: end -
   start must be under max(64 MB, 5 % of start). After the warm-up RSS does not trend, but it
-  moves in steps of 8 to 31 MB, up and down, as glibc's heaps grow and shrink with the sizes in
-  the mix: end - start measured -14 to +21 MB over 100 to 300 requests and up to +40 MB over 40
-  (17 runs). An image kept per request (a 512x512 output is 0.75 MB as a PIL image, 3 MB as an
-  fp32 tensor) adds 225 MB or more over 300 requests; a leak of 220 KB a request crosses 64 MB
-  within 300.
+  moves in steps of 8 to 31 MB, up and down (the allocators' heaps growing and shrinking with
+  the sizes in the mix, we assume; not traced): end - start measured -14 to +21 MB over 100 to
+  300 requests and up to +40 MB over 40 (17 runs). An image kept per request (a 512x512 output
+  is 0.75 MB as a PIL image, 3 MB as an fp32 tensor) adds 225 MB or more over 300 requests; a
+  leak of 220 KB a request crosses 64 MB within 300.
 - open file descriptors of the worker (and of the coglet server): end within +-2 of start. A
   pipe or socket may be open at the instant of the sample; a leak is one or more per request.
 - adapters registered: the service does not report them, so they are inferred per transformer
