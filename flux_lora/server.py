@@ -152,17 +152,20 @@ class CogServer:
         retry after a short pause covers the latter.
         """
         for attempt in range(2):
-            status, body = self._post("/predictions", {"input": inputs}, timeout)
+            status, body = self.post("/predictions", {"input": inputs}, timeout=timeout)
             if status != 409 or attempt == 1:
                 return status, body
             time.sleep(0.2)
         raise AssertionError("unreachable")
 
-    def _post(self, path: str, payload: dict, timeout: float) -> tuple[int, dict[str, Any]]:
+    def post(
+        self, path: str, payload: dict, *, timeout: float = 600, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """POST JSON to the server; returns (HTTP status, body), error statuses included."""
         request = urllib.request.Request(
             self.url + path,
             data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **(headers or {})},
             method="POST",
         )
         try:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from flux_lora import models, tiny
 from flux_lora.server import CogServer, decode_data_uri
+from tests.fakes import Webhooks
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +57,13 @@ def becomes_ready(server: CogServer, timeout: float = 5.0) -> bool:
         assert status == "BUSY", status
         time.sleep(0.02)
     return False
+
+
+@pytest.fixture
+def webhooks() -> Iterator[Webhooks]:
+    hooks = Webhooks()
+    yield hooks
+    hooks.close()
 
 
 def predict_ok(server: CogServer, **inputs: Any) -> dict[str, Any]:

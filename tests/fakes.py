@@ -494,3 +494,41 @@ def add_hub_files_metadata(server: FakeServer, repos: list[HubRepo]) -> None:
         )
 
     server.route(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?", model_info)
+
+
+# Webhooks.
+
+
+class Webhooks:
+    """A loopback receiver for coglet's webhooks (async predictions report their end there)."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+
+    def wait_for(self, prediction_id: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for body in self.received:
+                if body.get("id") == prediction_id:
+                    return body
+            time.sleep(0.02)
+        raise AssertionError(f"no webhook for {prediction_id} within {timeout} s")
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -9,15 +9,12 @@ FLUX_LORA_SLOW=1 (`FLUX_LORA_SLOW=1 ./scripts/test tests/test_load.py`), since p
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from http.client import HTTPException
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ import pytest
 from bench import fuzz, soak
 from flux_lora.server import CogServer
 from tests.conftest import predict_ok
+from tests.fakes import Webhooks
 
 needs_slow = pytest.mark.skipif(
     os.environ.get("FLUX_LORA_SLOW") != "1", reason="slow: run with FLUX_LORA_SLOW=1"
@@ -82,51 +80,11 @@ def test_flatness_tolerances():
 # Concurrent clients.
 
 
-class Webhooks:
-    """A loopback receiver for coglet's webhooks."""
-
-    def __init__(self) -> None:
-        self.received: list[dict] = []
-        received = self.received
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                received.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-
-
-@pytest.fixture
-def webhooks() -> Iterator[Webhooks]:
-    hooks = Webhooks()
-    yield hooks
-    hooks.httpd.shutdown()
-
-
-def post(url: str, payload: dict, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    """(status, body); (-1, the exception) when the connection failed or was dropped."""
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(payload).encode(),
-        headers={"Content-Type": "application/json", **(headers or {})},
-        method="POST",
-    )
+def post(server: CogServer, payload: dict, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """POST /predictions: (status, body), or (-1, the exception) when the connection failed or
+    was dropped, which the concurrency test counts rather than raises."""
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as err:
-        raw = err.read()
-        try:
-            return err.code, json.loads(raw)
-        except json.JSONDecodeError:
-            return err.code, raw.decode(errors="replace")
+        return server.post("/predictions", payload, timeout=120, headers=headers)
     except (urllib.error.URLError, HTTPException, OSError) as err:
         return -1, err
 
@@ -147,7 +105,7 @@ def test_concurrent_clients_get_a_result_or_409_and_async_while_busy_is_refused(
     results: dict[str, tuple[int, Any]] = {}
 
     def client(name: str, payload: dict, headers: dict[str, str] | None = None) -> None:
-        results[name] = post(f"{server.url}/predictions", payload, headers)
+        results[name] = post(server, payload, headers)
 
     def first_client() -> None:
         for _ in range(3):  # coglet's 409 right after the previous test's request: retried
@@ -212,17 +170,12 @@ def test_async_prediction_when_idle_is_accepted(server: CogServer, webhooks: Web
         "webhook_events_filter": ["completed"],
     }
     for _ in range(3):  # coglet's occasional 409 between back-to-back requests
-        status, body = post(f"{server.url}/predictions", request, {"Prefer": "respond-async"})
+        status, body = post(server, request, {"Prefer": "respond-async"})
         if status != 409:
             break
         time.sleep(0.2)
     assert status == 202, body
-    deadline = time.monotonic() + 30
-    while not [hook for hook in webhooks.received if hook.get("id") == "async-when-idle"]:
-        assert time.monotonic() < deadline, "no webhook"
-        time.sleep(0.05)
-    [hook] = [hook for hook in webhooks.received if hook.get("id") == "async-when-idle"]
-    assert hook["status"] == "succeeded"
+    assert webhooks.wait_for("async-when-idle", timeout=30)["status"] == "succeeded"
     wait_for_status(server, "READY")
 
 
