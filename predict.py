@@ -125,6 +125,10 @@ class _FluxLoraRunner(BaseRunner):
     # Read by flux_lora.openapi: True writes choices inline (`type` and `enum` on the input), as the
     # pages of older versions show them; False writes cog's `allOf` reference to a component.
     inline_enums: ClassVar[bool] = False
+    # Read by flux_lora.openapi: string inputs the schema shows as `format: uri`. They are `str`, not
+    # `cog.Path`, so that cog does not download them itself (without our address policy and size
+    # bound); flux_lora.image_inputs fetches them.
+    url_inputs: ClassVar[tuple[str, ...]] = ("image", "mask")
 
     def setup(self, weights: Optional[str] = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
@@ -146,8 +150,8 @@ class Predictor(_FluxLoraRunner):
     def run(
         self,
         prompt: str = Canonical.prompt,
-        image: Optional[Path] = Canonical.image,
-        mask: Optional[Path] = Canonical.mask,
+        image: Optional[str] = Canonical.image,
+        mask: Optional[str] = Canonical.mask,
         aspect_ratio: str = Canonical.aspect_ratio,
         height: Optional[int] = Canonical.height,
         width: Optional[int] = Canonical.width,
@@ -180,11 +184,11 @@ class FirstReleasePredictor(_FluxLoraRunner):
     def run(
         self,
         prompt: str = Canonical.prompt,
-        image: Optional[Path] = Input(
+        image: Optional[str] = Input(
             description="Input image for img2img or inpainting mode. If provided, aspect_ratio, width, and "
             "height inputs are ignored."
         ),
-        mask: Optional[Path] = Input(
+        mask: Optional[str] = Input(
             description="Input mask for inpainting mode. Black areas will be preserved, white areas will be "
             "inpainted. Must be provided along with 'image' for inpainting mode."
         ),
@@ -252,8 +256,8 @@ class GoFastPredictor(_FluxLoraRunner):
     def run(
         self,
         prompt: str = Canonical.prompt,
-        image: Optional[Path] = Canonical.image,
-        mask: Optional[Path] = Canonical.mask,
+        image: Optional[str] = Canonical.image,
+        mask: Optional[str] = Canonical.mask,
         aspect_ratio: str = Canonical.aspect_ratio,
         height: Optional[int] = Canonical.height,
         width: Optional[int] = Canonical.width,

@@ -10,8 +10,10 @@ bounded in size, reads time out, and a body shorter than its Content-Length is a
 from __future__ import annotations
 
 import base64
+import binascii
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
 from collections.abc import Callable, Iterator
@@ -21,7 +23,10 @@ from urllib.parse import unquote, urljoin, urlsplit
 from flux_lora.errors import FluxLoraError, InputError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 AddressPolicy = Callable[[IPAddress], bool]
+ALLOW_PRIVATE_ENV = "FLUX_LORA_ALLOW_PRIVATE_URLS"
+EVERY_NETWORK: tuple[IPNetwork, ...] = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 MAX_REDIRECTS = 5
 REDIRECT_CODES = {301, 302, 303, 307, 308}
 CHUNK = 1 << 20
@@ -46,12 +51,46 @@ def is_public_address(ip: IPAddress) -> bool:
     )
 
 
+def allowed_private_networks(raw: str | None) -> tuple[IPNetwork, ...]:
+    """FLUX_LORA_ALLOW_PRIVATE_URLS: "1" allows every address, a comma-separated list of
+    addresses or networks ("10.1.0.0/16,127.0.0.2") allows those, unset or "0" none."""
+    raw = (raw or "").strip()
+    if raw in ("", "0"):
+        return ()
+    if raw == "1":
+        return EVERY_NETWORK
+    try:
+        return tuple(ipaddress.ip_network(item.strip()) for item in raw.split(",") if item.strip())
+    except ValueError as err:
+        raise InputError(
+            f"{ALLOW_PRIVATE_ENV}={raw!r}: {err}. Set it to 1 (any address), to comma-separated "
+            "addresses or networks like 10.1.0.0/16, or unset it (public addresses only)"
+        ) from None
+
+
 def gb(n: int) -> str:
     return f"{n / 1024**3:.3g} GiB" if n >= 1024**3 else f"{n / 1024**2:.3g} MiB"
 
 
 def too_large(where: str, limit: int) -> InputError:
-    return InputError(f"{where}: the file is larger than the {gb(limit)} limit for LoRA weights")
+    return InputError(f"{where}: the file is larger than the {gb(limit)} limit; send a smaller file")
+
+
+def decode_data_url(text: str, where: str, limit: int) -> bytes:
+    """The bytes of a base64 `data:` URL, refused before decoding when they would pass `limit`."""
+    header, comma, payload = text.partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise InputError(f"{where}: a data: URL must be base64, like data:image/png;base64,...")
+    payload = re.sub(r"\s+", "", payload)
+    if len(payload) // 4 * 3 > limit + 2:
+        raise too_large(where, limit)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"{where}: the data: URL is not valid base64") from None
+    if len(data) > limit:
+        raise too_large(where, limit)
+    return data
 
 
 class Body:
@@ -98,12 +137,12 @@ class SafeHttp:
         *,
         timeout_s: float,
         max_bytes: int,
-        allow_private: bool,
+        allowed_private: tuple[IPNetwork, ...] = (),
         is_public_address: AddressPolicy = is_public_address,
     ) -> None:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
-        self.allow_private = allow_private
+        self.allowed_private = allowed_private
         self.is_public_address = is_public_address
 
     @contextmanager
@@ -180,7 +219,7 @@ class SafeHttp:
         raise DownloadError(f"{where}: more than {MAX_REDIRECTS} redirects; check the URL")
 
     def _allowed(self, ip: IPAddress) -> bool:
-        return self.allow_private or self.is_public_address(ip)
+        return self.is_public_address(ip) or any(ip in network for network in self.allowed_private)
 
     def _connect(self, address: tuple[str, int], timeout: float | None, where: str) -> socket.socket:
         host, port = address
@@ -219,7 +258,7 @@ class SafeHttp:
         if refused:
             raise InputError(
                 f"{where}: refusing to download from {host}: it is a private, loopback or link-local address "
-                f"({refused[0]}); LoRA URLs must be public"
+                f"({refused[0]}); URLs must point to public addresses"
             )
         raise DownloadError(f"{where}: the host {host} has no address")
 

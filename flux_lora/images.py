@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
@@ -16,6 +17,8 @@ from flux_lora.errors import InputError
 from flux_lora.schema import MAX_IMAGE_SIDE, fit_input_size
 
 log = logging.getLogger(__name__)
+
+ImageFile = os.PathLike | BinaryIO  # a file, or the fetched bytes (image_inputs.ImageFetcher)
 
 # Declared size refused before decoding: inputs end at most 1440 px on a side, so more pixels only
 # cost memory. 64 MP admits common camera photos (48-50 MP phones; 8K video frames are 33 MP), is at
@@ -34,13 +37,13 @@ SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)
 
 
-def load_image(path: os.PathLike, name: str = "image") -> Image.Image:
+def load_image(path: ImageFile, name: str = "image") -> Image.Image:
     """RGB, EXIF orientation applied, scaled to fit the size bound (sides multiples of 16)."""
     image = _open(path, name, IMAGE_BACKGROUND)
     return image.resize(fit_input_size(*image.size), Image.Resampling.LANCZOS)
 
 
-def load_mask(path: os.PathLike, size: tuple[int, int]) -> Image.Image:
+def load_mask(path: ImageFile, size: tuple[int, int]) -> Image.Image:
     """A black-and-white mask of the image's size: white is repainted, black is kept."""
     mask = _open(path, "mask", MASK_BACKGROUND).convert("L").resize(size, Image.Resampling.LANCZOS)
     brightest = mask.getextrema()[1]
@@ -55,7 +58,7 @@ def load_mask(path: os.PathLike, size: tuple[int, int]) -> Image.Image:
     return mask.point(lambda value: 255 if value >= MASK_THRESHOLD else 0)
 
 
-def _open(path: os.PathLike, name: str, background: tuple[int, int, int]) -> Image.Image:
+def _open(path: ImageFile, name: str, background: tuple[int, int, int]) -> Image.Image:
     try:
         with Image.open(path) as image:
             _check_size(name, image.width * image.height, f"{image.width}x{image.height} = ")

@@ -9,7 +9,9 @@ choices as `allOf` references to a component per input, optional inputs `nullabl
 `.cog/openapi_schema.json` (the file coglet and `cog build` use), and variants that reproduce
 older versions of the model, each committed at `.cog/schemas/<Class>.json`. Those older versions
 show their choices inline: a predictor class that sets `inline_enums = True` gets `type` and `enum`
-on the input itself and no component, as on their pages.
+on the input itself and no component, as on their pages. Inputs named in a predictor's
+`url_inputs` are strings shown as `format: uri`, as cog shows a `Path` (which they are not, so
+that cog leaves their download to us).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ SCHEMA_PATH = Path(".cog") / "openapi_schema.json"
 VARIANT_SCHEMA_DIR = Path(".cog") / "schemas"
 CANONICAL = "Predictor"
 INLINE_ENUMS = "inline_enums"  # the class attribute that asks for inline choices
+URL_INPUTS = "url_inputs"  # the class attribute naming string inputs shown as `format: uri`
 
 
 def schema_path(class_name: str) -> Path:
@@ -57,7 +60,9 @@ def build_schema(module: str, class_name: str) -> dict[str, Any]:
     from cog import _inspector
 
     info = _inspector.create_predictor(module, class_name)
-    inline_enums = bool(getattr(getattr(importlib.import_module(module), class_name), INLINE_ENUMS, False))
+    predictor = getattr(importlib.import_module(module), class_name)
+    inline_enums = bool(getattr(predictor, INLINE_ENUMS, False))
+    url_inputs = set(getattr(predictor, URL_INPUTS, ()))
     inputs: dict[str, Any] = {}
     enums: dict[str, Any] = {}
     required = []
@@ -74,6 +79,8 @@ def build_schema(module: str, class_name: str) -> dict[str, Any]:
         else:
             prop["title"] = name.replace("_", " ").title()
             prop.update(field.type.json_type())
+            if name in url_inputs:
+                prop["format"] = "uri"
             if field.choices is not None:
                 prop["enum"] = field.choices
         optional = field.type.repetition.name == "OPTIONAL"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from flux_lora.errors import InputError
+from flux_lora.image_inputs import is_image_url
 
 # Width x height at 1 megapixel. This table drives both the `aspect_ratio` choices and the sizes.
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
@@ -33,18 +33,14 @@ MAX_IMAGE_SIDE = 1440  # img2img/inpaint inputs are scaled down to fit this
 # torch.Generator.manual_seed accepts this range (negative seeds wrap around 2**64).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
-# What cog hands `run()` for an image input: a downloaded `cog.Path` for a URL, or a plain
-# `str` when the value was not a URL (cog 0.23 passes e.g. "/etc/passwd" through as text).
-ImageInput = os.PathLike | str | None
-
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """One prediction's inputs, after cog has checked each field's type and bounds."""
 
     prompt: str
-    image: ImageInput = None
-    mask: ImageInput = None
+    image: str | None = None  # an http(s) or data: URL (flux_lora.image_inputs fetches it)
+    mask: str | None = None
     aspect_ratio: str = "1:1"
     height: int | None = None
     width: int | None = None
@@ -75,7 +71,7 @@ def check_request(request: GenerationRequest) -> None:
     """Raise one InputError for the first cross-field rule the request breaks."""
     for name in ("image", "mask"):
         value = getattr(request, name)
-        if value is not None and not isinstance(value, os.PathLike):
+        if value is not None and not is_image_url(value):
             raise InputError(
                 f"{name}: {_shorten(value)!r} is not a URL. Send the image as an http(s) URL or "
                 "a data: URI; local paths on the server are never read."

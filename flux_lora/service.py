@@ -16,6 +16,7 @@ import torch
 
 from flux_lora.cache import LoraCache
 from flux_lora.errors import GenerationMemoryError, UnsafeImageError
+from flux_lora.image_inputs import ImageFetcher
 from flux_lora.images import load_image, load_mask
 from flux_lora.lora import GO_FAST_SCALE, AdapterSet, WantedAdapter
 from flux_lora.lora_refs import LoraRef, parse_lora_ref
@@ -51,6 +52,8 @@ class FluxLoraService:
         self.safety = safety
         self.output_root = output_root
         self.fetcher = fetcher
+        # Image inputs download under the same address policy, timeouts and redirect rules as LoRAs.
+        self.image_fetcher = ImageFetcher(fetcher.http)
         # The model's own LoRA (COG_WEIGHTS), used as the main adapter when a request names none.
         # Kept as a reference, fetched through the cache when needed, so eviction cannot strand it.
         self.trained_lora = trained_lora
@@ -102,10 +105,10 @@ class FluxLoraService:
         # 2. Inputs and size: image modes take the input's size, txt2img the table's.
         image = mask = None
         if request.image is not None:
-            image = load_image(request.image)
+            image = load_image(self.image_fetcher.fetch(request.image, "image"))
             size = image.size
             if request.mask is not None:
-                mask = load_mask(request.mask, size)
+                mask = load_mask(self.image_fetcher.fetch(request.mask, "mask"), size)
         else:
             size = resolve_size(request)
 

@@ -9,8 +9,6 @@ the redacted reference only: tokens never leave the request headers.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
 import logging
@@ -28,10 +26,14 @@ from urllib.parse import urlsplit
 
 from flux_lora.cache import LoraCache
 from flux_lora.download import (
+    ALLOW_PRIVATE_ENV,
     CHUNK,
+    EVERY_NETWORK,
     AddressPolicy,
     DownloadError,
     SafeHttp,
+    allowed_private_networks,
+    decode_data_url,
     is_public_address,
     status_message,
     too_large,
@@ -66,14 +68,16 @@ class LoraFetcher:
         is_public_address: AddressPolicy = is_public_address,
     ) -> None:
         if allow_private is None:
-            allow_private = os.environ.get("FLUX_LORA_ALLOW_PRIVATE_URLS") == "1"
+            allowed_private = allowed_private_networks(os.environ.get(ALLOW_PRIVATE_ENV))
+        else:
+            allowed_private = EVERY_NETWORK if allow_private else ()
         self.cache = cache
         self.max_bytes = max_download_bytes
         self.timeout_s = timeout_s
         self.http = SafeHttp(
             timeout_s=timeout_s,
             max_bytes=max_download_bytes,
-            allow_private=allow_private,
+            allowed_private=allowed_private,
             is_public_address=is_public_address,
         )
 
@@ -129,7 +133,7 @@ class LoraFetcher:
             with Path(ref.url).expanduser().open("rb") as file:
                 return extract_safetensors(file, staged, where, self.max_bytes)
         if ref.kind == "data":
-            data = _decode_data_url(ref.url, where, self.max_bytes)
+            data = decode_data_url(ref.url, where, self.max_bytes)
             if tarfile.is_tarfile(io.BytesIO(data)):
                 return extract_safetensors(io.BytesIO(data), staged, where, self.max_bytes)
             staged.write_bytes(data)
@@ -270,19 +274,6 @@ def _copy(source: BinaryIO, staged: Path) -> None:
 def _bearer(variable: str) -> dict[str, str]:
     token = os.environ.get(variable, "").strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def _decode_data_url(text: str, where: str, limit: int) -> bytes:
-    payload = re.sub(r"\s+", "", text.split(",", 1)[1])
-    if len(payload) // 4 * 3 > limit + 2:
-        raise too_large(where, limit)
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError(f"{where}: the data: URL is not valid base64") from None
-    if len(data) > limit:
-        raise too_large(where, limit)
-    return data
 
 
 def _pick_file(files: list[str], repo: str, revision: str, repo_text: str) -> str:

@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import pytest
 
@@ -64,7 +63,7 @@ def test_presets_ignore_width_and_height():
     assert resolve_size(GenerationRequest(prompt="x", width=512, height=512)) == (1024, 1024)
 
 
-IMAGE = Path("in.png")
+IMAGE = "https://example.com/in.png"  # checked as text only: nothing is fetched
 
 
 @pytest.mark.parametrize(
