@@ -23,6 +23,7 @@ from flux_lora.errors import InputError
 log = logging.getLogger(__name__)
 
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
+PREFIX = "transformer."  # diffusers' prefix for transformer keys in a pipeline's LoRA
 GO_FAST_SCALE = 1.5  # the schema's documented multiplier for both LoRA scales under go_fast
 
 
@@ -69,12 +70,10 @@ def read_lora(path: str, label: str, display: str) -> LoraWeights:
         if key.startswith(TEXT_ENCODER_PREFIXES):
             text_encoder_keys += 1
         else:
-            transformer[key.removeprefix("transformer.")] = value
+            transformer[key.removeprefix(PREFIX)] = value
     if alphas:
         alphas = {
-            k.removeprefix("transformer."): v
-            for k, v in alphas.items()
-            if not k.startswith(TEXT_ENCODER_PREFIXES)
+            k.removeprefix(PREFIX): v for k, v in alphas.items() if not k.startswith(TEXT_ENCODER_PREFIXES)
         }
     return LoraWeights(transformer, alphas or None, metadata, text_encoder_keys)
 
@@ -141,11 +140,13 @@ class AdapterSet:
             with warnings.catch_warnings():
                 # peft warns whenever a second adapter joins the first: here that is the intent.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                # With the `transformer.` prefix back on every key: diffusers reads network alphas
+                # only under a prefix (with prefix=None it refuses them).
                 self.transformer.load_lora_adapter(
-                    weights.state_dict,
-                    prefix=None,
+                    _prefixed(weights.state_dict),
+                    prefix=PREFIX.rstrip("."),
                     adapter_name=name,
-                    network_alphas=weights.network_alphas,
+                    network_alphas=_prefixed(weights.network_alphas) if weights.network_alphas else None,
                     metadata=weights.metadata,
                 )
         except (RuntimeError, ValueError, KeyError) as err:
@@ -182,6 +183,10 @@ class AdapterSet:
 
     def _modules_with(self, name: str) -> int:
         return sum(1 for module in self.transformer.modules() if name in getattr(module, "lora_A", {}))
+
+
+def _prefixed(tensors: dict) -> dict:
+    return {PREFIX + key: value for key, value in tensors.items()}
 
 
 def adapter_name(identity: str) -> str:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
@@ -74,6 +75,25 @@ def test_strength_is_linear_in_the_scale(adapters, tmp_path):
     assert torch.count_nonzero(deltas[0.0]) == 0
     torch.testing.assert_close(deltas[1.4], 2 * deltas[0.7])
     torch.testing.assert_close(deltas[-1.0], -deltas[0.7] / 0.7, rtol=1e-4, atol=1e-5)
+
+
+def test_network_alphas_scale_their_layers(adapters, tmp_path):
+    """A file with `.alpha` keys (alpha 2 at rank 4: half strength on that layer). diffusers
+    refused these when loaded without a key prefix; we load with it."""
+    tensors = safetensors.torch.load(tiny.random_lora(seed=3))
+    layer_key = "transformer.transformer_blocks.0.attn.to_q"
+    rank = tensors[f"{layer_key}.lora_A.weight"].shape[0]
+    plain, halved = tmp_path / "plain.safetensors", tmp_path / "alpha.safetensors"
+    save_file(tensors, plain)
+    save_file({**tensors, f"{layer_key}.alpha": torch.tensor(rank / 2)}, halved)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    deltas = {}
+    for path in (plain, halved):
+        adapters.activate([wanted(str(path))])
+        layer = adapters.transformer.transformer_blocks[0].attn.to_q
+        with torch.no_grad():
+            deltas[path] = layer(x) - layer.base_layer(x)
+    torch.testing.assert_close(deltas[halved], deltas[plain] / 2)
 
 
 def test_go_fast_multiplier_scales_both_adapters(adapters, tmp_path):
