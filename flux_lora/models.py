@@ -27,11 +27,15 @@ DEFAULT_MODEL_DIR = REPO_ROOT / "weights"
 TINY_MODEL_DIR = DEFAULT_MODEL_DIR / "tiny"
 RELEASES = tiny.RELEASES  # variant -> folder name, as in the Hugging Face repos
 GATED = RELEASES["dev"]
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"  # a file in a model folder of configs only (bench/full_size.py)
 
 
 @dataclass(frozen=True)
 class ModelSource:
     root: Path
+    # Configs only, modules built on the device with random weights: the GPU benchmark's full-size
+    # FLUX, whose arithmetic (hence time) is that of the trained weights, without 33 GB of files.
+    random_weights: bool = False
 
     def release_dir(self, variant: str) -> Path:
         return self.root / RELEASES[variant]
@@ -39,6 +43,9 @@ class ModelSource:
 
 def locate_models() -> ModelSource:
     root = configured_model_dir()
+    if (root / RANDOM_WEIGHTS_MARKER).is_file():
+        log.warning("%s holds configs only (%s): random weights, for benchmarks", root, RANDOM_WEIGHTS_MARKER)
+        return ModelSource(root, random_weights=True)
     missing = missing_models(root)
     if missing:
         _fetch(root, missing)

@@ -13,10 +13,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from flux_lora.compilation import Compiler
 from flux_lora.errors import CanceledError
+from flux_lora.lora_slots import LoraSlots
 from flux_lora.models import RELEASES, ModelSource
+from flux_lora.placement import Residency, module_bytes
 from flux_lora.quant import fp8_copy
-from flux_lora.schema import GenerationRequest
+from flux_lora.schema import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, resolve_size
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +48,22 @@ class Variant:
 
 
 class FluxPipelines:
-    def __init__(self, variants: dict[str, Variant], device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        variants: dict[str, Variant],
+        device: torch.device,
+        dtype: torch.dtype,
+        residency: Residency | None = None,
+    ):
         self.variants = variants
         self.device = device
         self.dtype = dtype
+        # Which transformers are on the GPU; keys (release, fp8). Unbounded on the CPU.
+        self.residency = residency or Residency(device, budget=2**62)
         self.fast_variants: dict[str, Variant] = {}  # go_fast: the same pipelines on an fp8 copy
         self.fast_modes: dict[str, str] = {}
+        self.compiler: Compiler | None = None  # set by compile_for_serving
+        self.lora_slots: dict[tuple[str, bool], LoraSlots] = {}  # (release, fp8) of compiled transformers
 
     def variant(self, name: str, *, fast: bool = False) -> Variant:
         """The release's pipelines; with `fast`, on an fp8 copy of its transformer, made on first
@@ -60,7 +73,11 @@ class FluxPipelines:
         if name not in self.fast_variants:
             started = time.perf_counter()
             base = self.variants[name]
+            self.residency.ensure((name, False))
+            # Room for the full-precision deep copy that is quantized in place.
+            self.residency.make_room(module_bytes(base.txt2img.transformer), keep={(name, False)})
             fp8 = fp8_copy(base.txt2img.transformer, self.device)
+            self.residency.add((name, True), fp8.module, evictable=False)
             self.fast_variants[name] = _assemble(name, {**base.txt2img.components, "transformer": fp8.module})
             self.fast_modes[name] = fp8.mode
             log.info(
@@ -70,6 +87,55 @@ class FluxPipelines:
                 time.perf_counter() - started,
             )
         return self.fast_variants[name]
+
+    def compile_for_serving(self, compiler: Compiler, max_rank: int, *, warm_up: str = "all") -> None:
+        """Both releases, bf16 and fp8: LoRA slots, compiled in place, and warmed up on every
+        shape served, so that no request pays for a compilation."""
+        started = time.perf_counter()
+        self.compiler = compiler
+        compiler.load_cache()
+        keys = [(name, fast) for name in RELEASES for fast in (False, True)]
+        for name, fast in keys:  # the fp8 copies first: copies of the slot-free transformers
+            self.variant(name, fast=fast)
+        for name, fast in keys:
+            self.residency.ensure((name, fast))
+            transformer = self.variant(name, fast=fast).txt2img.transformer
+            self.lora_slots[(name, fast)] = LoraSlots.install(transformer, max_rank)
+            self.residency.add((name, fast), transformer, evictable=not fast)  # measured again, with slots
+            compiler.compile(transformer)
+        shapes = warm_up_shapes() if warm_up == "all" else warm_up_shapes()[-2:]
+        for name, fast in keys:
+            for width, height, outputs in shapes:
+                self._warm_up(name, fast, width, height, outputs)
+        compiler.save_cache()
+        log.info(
+            "torch.compile (%s): %d transformers warmed up on %d shapes each, %d compilations, in %.1f s",
+            compiler.settings.backend,
+            len(keys),
+            len(shapes),
+            compiler.compilations,
+            time.perf_counter() - started,
+        )
+
+    def _warm_up(self, name: str, fast: bool, width: int, height: int, outputs: int) -> None:
+        """One denoising step through the serving call (same grad mode, dtypes and text length),
+        stopping at the latents: the VAE is not compiled."""
+        variant = self.variant(name, fast=fast)
+        self.residency.ensure((name, fast))
+        kwargs: dict[str, object] = dict(
+            prompt="warm-up",
+            width=width,
+            height=height,
+            num_inference_steps=1,
+            num_images_per_prompt=outputs,
+            generator=torch.Generator("cpu").manual_seed(0),
+            max_sequence_length=MAX_SEQUENCE_LENGTH[variant.name],
+            output_type="latent",
+        )
+        if variant.uses_guidance:
+            kwargs["guidance_scale"] = 3.0
+        with torch.inference_mode():
+            variant.txt2img(**kwargs)
 
     @classmethod
     def load(cls, source: ModelSource, device: torch.device | None = None) -> FluxPipelines:
@@ -83,7 +149,16 @@ class FluxPipelines:
                 source.release_dir(variant), device, dtype, loaded.get("dev"), source
             )
         variants = {name: _assemble(name, components) for name, components in loaded.items()}
-        return cls(variants, device, dtype)
+        shared = {
+            id(c): c
+            for v in loaded.values()
+            for k, c in v.items()
+            if k in SHAREABLE and isinstance(c, torch.nn.Module)
+        }
+        residency = Residency.for_device(device, fixed_bytes=sum(module_bytes(m) for m in shared.values()))
+        for name, variant in variants.items():
+            residency.add((name, False), variant.txt2img.transformer)
+        return cls(variants, device, dtype, residency)
 
     def generate(
         self,
@@ -97,6 +172,7 @@ class FluxPipelines:
         cancel: threading.Event | None = None,
     ) -> list[Image.Image]:
         variant = self.variant(request.model, fast=fast)
+        self.residency.ensure((request.model, fast))
         width, height = size
         kwargs: dict[str, object] = dict(
             prompt=request.prompt,
@@ -122,8 +198,32 @@ class FluxPipelines:
         else:
             pipe = variant.txt2img
         _log_truncation(variant.txt2img, request.prompt, MAX_SEQUENCE_LENGTH[variant.name])
+        compiled_before = self.compilations
         with torch.inference_mode():
-            return list(pipe(**kwargs).images)
+            images = list(pipe(**kwargs).images)
+        if self.compilations > compiled_before:
+            log.warning(
+                "torch.compile: %d compilation(s) during this request, which the warm-up should have made",
+                self.compilations - compiled_before,
+            )
+        return images
+
+    @property
+    def compilations(self) -> int:
+        return self.compiler.compilations if self.compiler else 0
+
+
+def warm_up_shapes() -> list[tuple[int, int, int]]:
+    """(width, height, outputs) for every preset size at both megapixel settings with one output,
+    then the last one with two: torch specialises a batch of one apart from larger batches. The
+    last two alone compile every graph (quick warm-up); the others check nothing recompiles."""
+    shapes = [
+        (*resolve_size(GenerationRequest(prompt="", aspect_ratio=ratio, megapixels=megapixels)), 1)
+        for megapixels in MEGAPIXELS
+        for ratio in ASPECT_RATIOS
+    ]
+    shapes = list(dict.fromkeys(shapes))
+    return [*shapes, (*shapes[-1][:2], 2)]
 
 
 def release_memory(device: torch.device) -> None:
@@ -208,11 +308,37 @@ def _load_components(
                 continue
         started = time.perf_counter()
         is_module = issubclass(component_class, torch.nn.Module)
+        if is_module and source.random_weights:
+            components[name] = _random_module(component_class, folder / name, device, dtype)
+            log.info(
+                "  %s/%s: built with random weights in %.2f s",
+                folder.name,
+                name,
+                time.perf_counter() - started,
+            )
+            continue
         kwargs = {"dtype": dtype} if is_module else {}
         component = component_class.from_pretrained(folder / name, **kwargs)
         components[name] = component.to(device) if is_module else component
         log.info("  %s/%s: loaded in %.2f s", folder.name, name, time.perf_counter() - started)
     return components
+
+
+def _random_module(component_class: type, folder: Path, device: torch.device, dtype: torch.dtype):
+    """The module `folder/config.json` describes, built directly on `device` in `dtype` with the
+    class's own random initialisation: seconds, where reading trained weights takes minutes."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if hasattr(component_class, "from_config"):  # diffusers
+                module = component_class.from_config(component_class.load_config(folder))
+            else:  # transformers
+                config = component_class.config_class.from_pretrained(folder)
+                module = component_class._from_config(config, dtype=dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    return module.eval()
 
 
 def _assemble(name: str, components: dict[str, object]) -> Variant:

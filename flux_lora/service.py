@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 import tempfile
@@ -15,11 +16,13 @@ from pathlib import Path
 import torch
 
 from flux_lora.cache import LoraCache
+from flux_lora.compilation import Compiler, CompileSettings
 from flux_lora.errors import GenerationMemoryError, UnsafeImageError
 from flux_lora.image_inputs import ImageFetcher
 from flux_lora.images import load_image, load_mask
 from flux_lora.lora import GO_FAST_SCALE, AdapterSet, WantedAdapter
 from flux_lora.lora_refs import LoraRef, parse_lora_ref
+from flux_lora.lora_slots import MAX_RANK_ENV, LoraSlots, max_rank_from_env
 from flux_lora.models import DEFAULT_MODEL_DIR, locate_models
 from flux_lora.output import save_images
 from flux_lora.pipeline import FluxPipelines, release_memory
@@ -57,7 +60,7 @@ class FluxLoraService:
         # The model's own LoRA (COG_WEIGHTS), used as the main adapter when a request names none.
         # Kept as a reference, fetched through the cache when needed, so eviction cannot strand it.
         self.trained_lora = trained_lora
-        self._adapters: dict[tuple[str, bool], AdapterSet] = {}  # per transformer: (release, fp8)
+        self._adapters: dict[tuple[str, bool], AdapterSet | LoraSlots] = {}  # per transformer: (release, fp8)
         # coglet calls run() from whichever of its tokio threads is free, and torch's OpenMP
         # keeps one thread team per calling thread: switching callers left the previous team
         # spinning on our cores (tiny model, 2 cores: 49 ms a call instead of 33). All torch
@@ -72,6 +75,12 @@ class FluxLoraService:
         trained = parse_lora_ref(weights, "COG_WEIGHTS", allow_local=True) if weights else None
         source = locate_models()
         pipelines = FluxPipelines.load(source)
+        compile_settings = CompileSettings.from_env(pipelines.device, DEFAULT_MODEL_DIR / "compile-cache")
+        if compile_settings.enabled:
+            max_rank = max_rank_from_env(os.environ.get(MAX_RANK_ENV))
+            pipelines.compile_for_serving(
+                Compiler(compile_settings, pipelines.device), max_rank, warm_up=compile_settings.warm_up
+            )
         safety = SafetyChecker.load(source.root, pipelines.device, pipelines.dtype)
         fetcher = LoraFetcher.from_env(LoraCache.from_env(DEFAULT_CACHE_DIR))
         output_root = Path(tempfile.mkdtemp(prefix="flux-lora-out-"))
@@ -124,7 +133,8 @@ class FluxLoraService:
         # 5. LoRAs: fetched (from the cache when there), then made the transformer's adapters.
         metrics = self._apply_loras(request, fast)
         if fast:
-            log.info("go_fast: %s", self.pipelines.fast_modes[request.model])
+            compiled = ", compiled" if self.pipelines.compiler else ""
+            log.info("go_fast: %s%s", self.pipelines.fast_modes[request.model], compiled)
 
         # 6. Generate and save. Files of the previous prediction have been delivered by now.
         log.info("%s %s %dx%d, %d step(s)", request.model, request.mode, *size, request.num_inference_steps)
@@ -187,8 +197,8 @@ class FluxLoraService:
         if multiplier != 1.0:
             log.info("go_fast: LoRA scales x%.1f", multiplier)
         key = (request.model, fast)
-        if key not in self._adapters:
-            self._adapters[key] = AdapterSet(
+        if key not in self._adapters:  # compiled transformers have slots, written in place
+            self._adapters[key] = self.pipelines.lora_slots.get(key) or AdapterSet(
                 self.pipelines.variant(request.model, fast=fast).txt2img.transformer
             )
         self._adapters[key].activate(wanted, multiplier)

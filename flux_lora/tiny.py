@@ -15,6 +15,7 @@ import itertools
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from flux_lora.tiny_checkers import NSFW_CLASSIFIER_DIR, SAFETY_CHECKER_DIR, build_checkers
@@ -102,19 +103,27 @@ def build(root: Path, *, force: bool = False) -> Path:
     return root
 
 
-def random_lora(seed: int = 0, rank: int = 4, prefix: str = "transformer.") -> bytes:
-    """A random LoRA for the tiny transformer, as safetensors bytes, in the layout the Replicate
-    trainer writes: diffusers/peft keys with the `transformer.` prefix on every attention and
-    projection layer. Shapes come from the transformer built on the meta device (no memory)."""
+def random_lora(
+    seed: int = 0, rank: int = 4, prefix: str = "transformer.", transformer: object | None = None
+) -> bytes:
+    """A random LoRA for the tiny transformer (or `transformer`, any FLUX size), as safetensors
+    bytes, in the layout the Replicate trainer writes: diffusers/peft keys with the `transformer.`
+    prefix on every attention and projection layer. Shapes come from the transformer built on the
+    meta device (no memory)."""
     import torch
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import save
 
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**TRANSFORMER, guidance_embeds=True)
+    model = transformer
+    if model is None:
+        with torch.device("meta"):
+            model = FluxTransformer2DModel(**TRANSFORMER, guidance_embeds=True)
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, layer in model.named_modules():
+        if ".lora_" in name:  # a transformer with LoRA slots: their layers are not targets
+            continue
+        name = name.removesuffix(".base_layer")  # peft keeps the wrapped layer under this name
         if isinstance(layer, torch.nn.Linear) and ("attn" in name or "proj" in name):
             tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(
                 rank, layer.in_features, generator=generator
@@ -206,9 +215,9 @@ def _build_release(folder: Path, variant: str, shared: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
 
 
-def _clip_tokenizer(folder: Path):
+def _clip_tokenizer(folder: Path, words: Iterable[str] = WORDS):
     """A byte-level BPE vocabulary written by hand: every byte symbol, with and without the
-    end-of-word marker, plus merges that make each word of WORDS a single token."""
+    end-of-word marker, plus merges that make each word of `words` a single token."""
     from transformers import CLIPTokenizer
 
     symbols = _byte_symbols()
@@ -216,7 +225,7 @@ def _clip_tokenizer(folder: Path):
     for token in itertools.chain(symbols, (s + "</w>" for s in symbols)):
         vocab.setdefault(token, len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in sorted(set(WORDS)):
+    for word in sorted(set(words)):
         pieces = [*word[:-1], word[-1] + "</w>"]
         while len(pieces) > 1:
             pair = (pieces[0], pieces[1])
@@ -232,13 +241,13 @@ def _clip_tokenizer(folder: Path):
     return tokenizer
 
 
-def _t5_tokenizer(folder: Path):
-    """A unigram vocabulary written by hand: T5's special tokens, then each word of WORDS and
+def _t5_tokenizer(folder: Path, words: Iterable[str] = WORDS):
+    """A unigram vocabulary written by hand: T5's special tokens, then each word of `words` and
     each character as SentencePiece pieces, scored so whole words win."""
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + word, -1.0) for word in sorted(set(WORDS))]
+    pieces += [("\u2581" + word, -1.0) for word in sorted(set(words))]
     pieces += [(char, -5.0) for char in "abcdefghijklmnopqrstuvwxyz0123456789"]
     tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
     tokenizer.save_pretrained(folder)

@@ -1,0 +1,123 @@
+"""torch.compile for the serving transformers: paid at setup, not by the first user.
+
+Each transformer (dev and schnell, bf16 and fp8) gets its LoRA slots, is compiled in place (its
+repeated blocks) with dynamic shapes (one graph for every image size, not one per size), then warmed up
+on every size the schema serves (each preset at both megapixel settings, one and several
+outputs). Inductor's results are saved as torch's cache artifacts in `FLUX_LORA_COMPILE_CACHE`
+and loaded first on the next start, so a warm restart skips code generation.
+
+Every compilation goes through a counting backend: the log, the benchmark and the tests read how
+many happened, so a LoRA swap or a new size that recompiles shows up as a number, not a stall.
+
+`FLUX_LORA_COMPILE`: `auto` (default: on CUDA only), `1` or `0`. `FLUX_LORA_COMPILE_BACKEND`:
+`inductor` (default); the CPU tests use `eager`, which traces, guards and recompiles exactly as
+inductor would but generates no code. `FLUX_LORA_WARM_UP`: `all` (default) or `quick` (only the
+two shapes that compile every graph; for tests and local checks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flux_lora.errors import InputError
+
+log = logging.getLogger(__name__)
+
+COMPILE_ENV = "FLUX_LORA_COMPILE"
+BACKEND_ENV = "FLUX_LORA_COMPILE_BACKEND"
+CACHE_ENV = "FLUX_LORA_COMPILE_CACHE"
+WARM_UP_ENV = "FLUX_LORA_WARM_UP"
+WARM_UP_MODES = ("all", "quick")
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    enabled: bool
+    backend: str = "inductor"
+    cache_dir: Path | None = None
+    warm_up: str = "all"  # "quick": only the shapes that compile every graph (tests, local checks)
+
+    @classmethod
+    def from_env(cls, device: torch.device, default_cache_dir: Path) -> CompileSettings:
+        mode = os.environ.get(COMPILE_ENV, "auto").strip().lower() or "auto"
+        if mode not in ("auto", "1", "0"):
+            raise InputError(f"{COMPILE_ENV}={mode!r}: set auto (compile on CUDA GPUs), 1 or 0")
+        enabled = device.type == "cuda" if mode == "auto" else mode == "1"
+        backend = os.environ.get(BACKEND_ENV, "inductor").strip() or "inductor"
+        if backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise InputError(f"{BACKEND_ENV}={backend!r} is not a torch.compile backend (try inductor)")
+        cache = os.environ.get(CACHE_ENV, "").strip()
+        warm_up = os.environ.get(WARM_UP_ENV, "all").strip().lower() or "all"
+        if warm_up not in WARM_UP_MODES:
+            raise InputError(f"{WARM_UP_ENV}={warm_up!r}: set all (every served size, default) or quick")
+        return cls(enabled, backend, Path(cache) if cache else default_cache_dir, warm_up)
+
+
+class Compiler:
+    """Compiles modules in place through one counting backend, and keeps torch's caches."""
+
+    def __init__(self, settings: CompileSettings, device: torch.device):
+        self.settings = settings
+        self.device = device
+        self.compilations = 0
+        self._backend = torch._dynamo.lookup_backend(settings.backend)
+        # Duck shaping gives dimensions of equal size one symbol: 1024x1024 has 4096 image tokens,
+        # as wide as T5's output, and the context embedder's fixed 4096 then pins the token
+        # count to 4096 (seen on the tiny model with 64 tokens and 64 channels): one graph per size.
+        torch.fx.experimental._config.use_duck_shape = False
+        # The four transformers share one forward, whose compiled entries dynamo caps at 8 by
+        # default, then runs eagerly without a word: keep room for 2 graphs each with margin.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+
+    def compile(self, module: torch.nn.Module) -> None:
+        """Regional compilation where the model declares its repeated blocks (FLUX: the 19 double
+        and 38 single blocks): each block class is traced once and shared by every instance, so a
+        start traces two small graphs, not a 57-block one. The embedders and output layers, a
+        sliver of the arithmetic, stay eager."""
+        if getattr(module, "_repeated_blocks", None):
+            module.compile_repeated_blocks(backend=self._count_and_compile, dynamic=True)
+        else:
+            module.compile(backend=self._count_and_compile, dynamic=True)
+
+    def _count_and_compile(self, graph: torch.fx.GraphModule, example_inputs: list):
+        self.compilations += 1
+        return self._backend(graph, example_inputs)
+
+    @property
+    def cache_file(self) -> Path | None:
+        if self.settings.cache_dir is None:
+            return None
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        key = f"torch-{torch.__version__}-{name}-{self.settings.backend}".replace(" ", "_").replace("/", "_")
+        return self.settings.cache_dir / f"{key}.bin"
+
+    def load_cache(self) -> bool:
+        """Loads saved artifacts before any compilation; True when there were some."""
+        path = self.cache_file
+        if path is None or not path.is_file():
+            return False
+        started = time.perf_counter()
+        try:
+            torch.compiler.load_cache_artifacts(path.read_bytes())
+        except Exception as err:  # a cache from another build: compiling from scratch still works
+            log.warning("torch.compile: ignoring the cache %s (%s)", path, err.__class__.__name__)
+            return False
+        log.info("torch.compile: cache loaded from %s in %.2f s", path, time.perf_counter() - started)
+        return True
+
+    def save_cache(self) -> None:
+        path = self.cache_file
+        artifacts = torch.compiler.save_cache_artifacts()
+        if path is None or artifacts is None or not artifacts[0]:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_bytes(artifacts[0])
+        partial.replace(path)  # atomic: a start that reads it never sees half a file
+        log.info("torch.compile: cache saved to %s (%d bytes)", path, len(artifacts[0]))

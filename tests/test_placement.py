@@ -1,0 +1,58 @@
+"""GPU placement: which transformers stay on the device within a budget. The moves themselves
+need a GPU; the decisions and the bookkeeping are checked here, on CPU modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flux_lora.placement import Residency, evictions, module_bytes
+
+GB = 1024**3
+
+
+def test_full_size_flux_arithmetic_needs_placement():
+    """The decision in numbers (bf16 bytes, FLUX.1 parameter counts): both releases in bf16 and
+    fp8 with the shared encoders do not fit an 80 GB H100 beside 8 GiB of activations; with one
+    bf16 transformer off the GPU they do."""
+    transformer, fp8, t5, clip_vae = 11.9e9 * 2, 11.9e9, 4.76e9 * 2, 0.25e9 + 0.17e9
+    slots = 5.4e6 * 64 * 2 * 2  # rank 64, two slots, (in + out) summed over the linear layers, bf16
+    everything = 2 * (transformer + slots) + 2 * (fp8 + slots) + t5 + clip_vae
+    h100 = 80e9
+    assert everything + 8 * GB > h100
+    assert everything - (transformer + slots) + 8 * GB < h100
+
+
+def test_evictions_take_the_least_recently_used_evictable():
+    sizes = {"dev": 24, "schnell": 24, "dev-fp8": 12}
+    resident = ["dev", "dev-fp8", "schnell"]  # oldest first
+    evictable = {"dev", "schnell"}
+    assert evictions(sizes, resident, evictable, need=0, budget=60, keep=set()) == []
+    assert evictions(sizes, resident, evictable, need=24, budget=70, keep=set()) == ["dev"]
+    assert evictions(sizes, resident, evictable, need=24, budget=70, keep={"dev"}) == ["schnell"]
+    assert evictions(sizes, resident, evictable, need=48, budget=70, keep=set()) == ["dev", "schnell"]
+    with pytest.raises(MemoryError, match="FLUX_LORA_GPU_RESERVE_GB"):
+        evictions(sizes, resident, evictable, need=70, budget=70, keep=set())  # fp8 must stay
+
+
+def linear(megabytes: int) -> torch.nn.Module:
+    return torch.nn.Linear(megabytes * 1024**2 // 4, 1, bias=False)  # float32
+
+
+def test_residency_keeps_the_recently_used_within_budget():
+    modules = {key: linear(4) for key in ("dev", "schnell")}
+    residency = Residency(torch.device("cpu"), budget=9 * 1024**2)  # room for one 4 MB module beside the rest
+    residency.add("dev", modules["dev"])
+    residency.add("schnell", modules["schnell"])
+    assert list(residency.resident) == ["dev", "schnell"]
+    residency.add("fp8", linear(2), evictable=False)  # 4 + 4 + 2 > 9: the oldest bf16 one goes
+    assert list(residency.resident) == ["schnell", "fp8"]
+    residency.ensure("dev")  # back, and the other bf16 one makes way
+    assert list(residency.resident) == ["fp8", "dev"]
+    residency.ensure("fp8")
+    assert list(residency.resident) == ["dev", "fp8"]
+    residency.make_room(module_bytes(modules["dev"]))  # a temporary copy beside fp8: dev goes
+    assert list(residency.resident) == ["fp8"]
+    residency.ensure("unknown")  # modules it does not manage are left alone
+    with pytest.raises(MemoryError, match="does not fit"):
+        residency.make_room(8 * 1024**2)  # fp8 must stay: 2 + 8 > 9
