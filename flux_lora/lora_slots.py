@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import torch
 
@@ -52,7 +53,10 @@ class LoraSlots:
             config = LoraConfig(
                 r=max_rank, lora_alpha=max_rank, target_modules=linear, init_lora_weights=True
             )
-            inject_adapter_in_model(config, transformer, adapter_name=slot)
+            with warnings.catch_warnings():
+                # peft warns when a second adapter joins the first: two slots are the intent.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                inject_adapter_in_model(config, transformer, adapter_name=slot)
         slots = cls(transformer, max_rank)
         for name in linear:
             layer = transformer.get_submodule(name)
