@@ -77,7 +77,9 @@ class Residency:
         try:
             reserve = float(raw) if raw else DEFAULT_RESERVE_GB
         except ValueError:
-            raise InputError(f"{RESERVE_ENV}={raw!r}: set a number of GB (default {DEFAULT_RESERVE_GB})") from None
+            raise InputError(
+                f"{RESERVE_ENV}={raw!r}: set a number of GB (default {DEFAULT_RESERVE_GB})"
+            ) from None
         total = torch.cuda.get_device_properties(device).total_memory
         budget = int(total - fixed_bytes - reserve * 1024**3)
         log.info("GPU budget for transformers: %.1f GiB (%.0f GiB reserved)", budget / 1024**3, reserve)
@@ -96,14 +98,18 @@ class Residency:
 
     def make_room(self, need: int, keep: set | None = None) -> None:
         """Moves evictable modules off until `need` more bytes fit (e.g. a temporary copy)."""
-        for old in evictions(self.sizes, list(self.resident), self.evictable, need, self.budget, keep or set()):
+        for old in evictions(
+            self.sizes, list(self.resident), self.evictable, need, self.budget, keep or set()
+        ):
             started = time.perf_counter()
             module = self.modules[old].to("cpu")
             if torch.cuda.is_available():
                 for tensor in [*module.parameters(), *module.buffers()]:
                     tensor.data = tensor.data.pin_memory()  # pinned: the way back runs at full speed
             del self.resident[old]
-            log.info("%s moved to pinned CPU memory in %.2f s (GPU budget)", old, time.perf_counter() - started)
+            log.info(
+                "%s moved to pinned CPU memory in %.2f s (GPU budget)", old, time.perf_counter() - started
+            )
 
     def ensure(self, key: Hashable) -> None:
         """`key`'s module is on the device, and the most recently used, when this returns."""

@@ -1,4 +1,3 @@
-
 import pytest
 
 from flux_lora.errors import InputError
