@@ -71,14 +71,21 @@ def test_container_killed_mid_download_leaves_nothing_the_next_one_would_serve(t
         }
         first = CogServer(env=env)
         assert first.start()["status"] == "READY"
-        request = threading.Thread(
-            target=first.predict, args=({"prompt": "a cat", "replicate_weights": reference},)
-        )
+        outcome: list[BaseException] = []
+
+        def predict_until_killed() -> None:
+            try:
+                first.predict({"prompt": "a cat", "replicate_weights": reference})
+            except OSError as err:  # the connection dies with the container: what this test wants
+                outcome.append(err)
+
+        request = threading.Thread(target=predict_until_killed)
         request.start()
         assert half_sent.wait(30)
         os.killpg(first.process.pid, signal.SIGKILL)  # the whole container, worker included
         first.process.wait()
         request.join(10)
+        assert outcome, "the request outlived the container"
         assert not any(cache.rglob("lora.safetensors")), "a partial download entered the cache"
 
         with CogServer(env=env) as second:
