@@ -4,7 +4,8 @@ Each transformer (dev and schnell, bf16 and fp8) gets its LoRA slots, is compile
 repeated blocks) with dynamic shapes (one graph for every image size, not one per size), then warmed up
 on every size the schema serves (each preset at both megapixel settings, one and several
 outputs). Inductor's results are saved as torch's cache artifacts in `FLUX_LORA_COMPILE_CACHE`
-and loaded first on the next start, so a warm restart skips code generation.
+and loaded first on the next start, and Inductor's and Triton's own disk caches live in the same
+folder, so a warm restart skips code generation and kernel builds.
 
 Every compilation goes through a counting backend: the log, the benchmark and the tests read how
 many happened, so a LoRA swap or a new size that recompiles shows up as a number, not a stall.
@@ -71,6 +72,12 @@ class Compiler:
         # as wide as T5's output, and the context embedder's fixed 4096 then pins the token
         # count to 4096 (seen on the tiny model with 64 tokens and 64 channels): one graph per size.
         torch.fx.experimental._config.use_duck_shape = False
+        if settings.cache_dir is not None:
+            # Inductor's and Triton's own disk caches (compiled kernels: on the CPU the C++ builds,
+            # which the cache artifacts do not hold) in the same lasting folder. Set outright:
+            # torch writes its /tmp default into the environment the first time it looks.
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings.cache_dir / "inductor")
+            os.environ["TRITON_CACHE_DIR"] = str(settings.cache_dir / "triton")
         # The four transformers share one forward, whose compiled entries dynamo caps at 8 by
         # default, then runs eagerly without a word: keep room for 2 graphs each with margin.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
