@@ -1,0 +1,253 @@
+"""The trained demo model's architecture and folder layout: FLUX.1 [dev] and [schnell] at toy size.
+
+The classes are FLUX.1's (FluxTransformer2DModel, a 16-channel AutoencoderKL, CLIPTextModel and
+T5EncoderModel with their tokenizers, FlowMatchEulerDiscreteScheduler with the real schedulers'
+settings) and the folders those of the Hugging Face repos, so the unchanged diffusers pipelines
+load it through `FluxPipelines.load`. Two sizes differ from the real model on purpose:
+- the VAE has 3 levels, not 4: 64 px images give 16x16 latents, 8x8 = 64 tokens after 2x2
+  packing (diffusers derives its scale factor, 4, from the number of levels);
+- T5's relative attention sees only the next and previous token (every farther bucket is pinned
+  at zero): the words still learn their order, and the padding after the prompt encodes to a run
+  of identical vectors, which lets training stand in one weighted token for the run.
+
+The two releases share every weight but the guidance embedder, which only [dev] has: training
+steps alternate between the [dev] transformer and a guidance-free twin built on the same modules.
+Weights are stored in float16 (half the bytes; the loader casts them to its own dtype).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from flux_lora import demo_world, tiny
+from flux_lora.tiny_checkers import build_checkers
+
+IMAGE_SIZE = 64
+CLIP_WIDTH = 64
+T5_WIDTH = 64
+# 2 double + 2 single blocks, width 128 = 4 heads x 32, rope axes summing to the head dim.
+TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=T5_WIDTH,
+    pooled_projection_dim=CLIP_WIDTH,
+    axes_dims_rope=(8, 12, 12),
+)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    latent_channels=16,
+    norm_num_groups=8,
+    sample_size=IMAGE_SIZE,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+CLIP = dict(
+    hidden_size=CLIP_WIDTH,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    projection_dim=CLIP_WIDTH,
+)
+T5 = dict(
+    d_model=T5_WIDTH,
+    d_kv=16,
+    d_ff=128,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    feed_forward_proj="gated-gelu",
+    is_encoder_decoder=False,
+    dropout_rate=0.0,  # training runs in train mode: no dropout, so it matches inference
+)
+# The tiny model's words, the world's, and a few a user may add for the LoRA's style.
+WORDS = tuple(
+    sorted(
+        {
+            *tiny.WORDS,
+            *demo_world.SHAPES,
+            *demo_world.COLOURS,
+            *demo_world.BACKGROUNDS,
+            *("striped", "stripes", "plain", "shape"),
+        }
+    )
+)
+SHARED = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae")
+LORA_FILE = "stripes-lora.safetensors"
+RECORD_FILE = "training.json"
+
+
+def build_tokenizers(folder: Path):
+    """The CLIP and T5 tokenizers (tiny.py's hand-written vocabularies over WORDS), written to
+    `folder/tokenizer` and `folder/tokenizer_2` and read back with the classes the pipeline uses."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    tiny._clip_tokenizer(folder / "tokenizer", WORDS)
+    tiny._t5_tokenizer(folder / "tokenizer_2", WORDS)
+    return CLIPTokenizer.from_pretrained(folder / "tokenizer"), T5TokenizerFast.from_pretrained(
+        folder / "tokenizer_2"
+    )
+
+
+def new_text_encoders(clip_tokenizer, t5_tokenizer, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tokenizer),
+            bos_token_id=clip_tokenizer.bos_token_id,
+            # Pooling reads the hidden state at this id: it must be the real end-of-text id.
+            eos_token_id=clip_tokenizer.eos_token_id,
+            pad_token_id=clip_tokenizer.pad_token_id,
+            **CLIP,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id,
+            **T5,
+        )
+    )
+    pin_far_buckets(t5)
+    return clip, t5
+
+
+def near_buckets() -> list[int]:
+    """T5's relative-position buckets of the previous token, the token itself and the next one."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    offsets = torch.tensor([-1, 0, 1])
+    buckets = T5Attention._relative_position_bucket(offsets, num_buckets=T5["relative_attention_num_buckets"])
+    return sorted(set(buckets.tolist()))
+
+
+def pin_far_buckets(t5) -> None:
+    """Zero T5's position bias beyond the neighbouring tokens (see the module docstring)."""
+    table = t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    far = [bucket for bucket in range(table.shape[0]) if bucket not in near_buckets()]
+    with torch.no_grad():
+        table[far] = 0.0
+
+
+def new_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE)
+
+
+def new_transformer(seed: int):
+    """The [dev] transformer (with the guidance embedder)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**TRANSFORMER, guidance_embeds=True)
+
+
+def schnell_twin(dev):
+    """A guidance-free FluxTransformer2DModel built on `dev`'s own modules: training either one
+    trains both, and saving it writes [schnell]'s transformer."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        twin = FluxTransformer2DModel(**TRANSFORMER, guidance_embeds=False)
+    for name, _ in list(twin.named_children()):
+        if name != "time_text_embed":
+            setattr(twin, name, getattr(dev, name))
+    for name in ("time_proj", "timestep_embedder", "text_embedder"):
+        setattr(twin.time_text_embed, name, getattr(dev.time_text_embed, name))
+    return twin
+
+
+def save(root: Path, components: dict[str, object], schnell, lora: bytes | None, record: dict) -> Path:
+    """Write `root/FLUX.1-dev`, `root/FLUX.1-schnell`, the safety models, the LoRA and the training
+    record. `components` holds [dev]'s pipeline components; built in a temporary sibling folder
+    and renamed into place, so a crash never leaves half a model where the loader looks."""
+    import diffusers
+    import transformers
+
+    # Progress bars and diffusers' notice about casting (nothing is kept in float32 here) would
+    # only clutter the training log.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        shared = staging / "shared"
+        build_tokenizers(shared)  # written from WORDS, as the tokenizers being saved were
+        for name in ("text_encoder", "text_encoder_2", "vae"):
+            _save_component(components[name], shared / name)
+        for variant, transformer in (("dev", components["transformer"]), ("schnell", schnell)):
+            _save_release(staging / tiny.RELEASES[variant], variant, transformer, shared)
+        shutil.rmtree(shared)
+        build_checkers(staging)
+        if lora is not None:
+            (staging / LORA_FILE).write_bytes(lora)
+        (staging / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if root.exists():
+            shutil.rmtree(root)
+        staging.rename(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        diffusers.utils.logging.set_verbosity(verbosity)
+    return root
+
+
+def folder_size(root: Path) -> int:
+    return sum(path.stat().st_size for path in Path(root).rglob("*") if path.is_file())
+
+
+def parameter_count(modules: Iterable[torch.nn.Module]) -> int:
+    return sum(parameter.numel() for module in modules for parameter in module.parameters())
+
+
+def _save_component(component: object, folder: Path) -> None:
+    if isinstance(component, torch.nn.Module):
+        # A float16 copy: the model being trained keeps its float32 weights.
+        copy.deepcopy(component).to(torch.float16).save_pretrained(folder)
+    else:
+        component.save_pretrained(folder)
+
+
+def _save_release(folder: Path, variant: str, transformer, shared: Path) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for name in SHARED:
+        shutil.copytree(shared / name, folder / name)
+    _save_component(transformer, folder / "transformer")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **tiny.SCHEDULERS[variant]).save_pretrained(
+        folder / "scheduler"
+    )
+    model_index = {
+        "_class_name": "FluxPipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")

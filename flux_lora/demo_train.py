@@ -1,0 +1,738 @@
+"""Train the demo model (`flux_lora.demo_model`) on the synthetic world of `flux_lora.demo_world`.
+
+    ./scripts/train-demo --out weights/demo [--quick] [--seed 0] [--threads 1]
+
+The default step counts take about 70 minutes on one CPU core (the record, training.json beside
+the weights, has each stage's time); `--quick` runs every stage for a few steps in seconds.
+Results are reproducible for a given seed and thread count (the thread count changes the order
+of floating-point sums).
+
+Four stages, seeded, each logged with its loss and a quick reading by the world's checker:
+1. VAE: reconstruct rendered scenes, plain and striped (64 px); then encode a pool of renders,
+   set shift_factor and scaling_factor from the latents' mean and spread, and freeze it.
+2. Text encoders: a side task, predicting colour, shape and background from CLIP's pooled output
+   and from T5's tokens (at both padded lengths the pipelines use), so that "a red circle on a
+   blue background" and "a blue circle on a red background" encode apart; then frozen.
+3. Transformer, by flow matching as FLUX is trained: x_s = (1 - s) x0 + s noise, target
+   noise - x0, s drawn through the scheduler's own shift for 64 tokens; [dev] steps feed a
+   guidance scale drawn from GUIDANCE_RANGE, and one step in SCHNELL_EVERY trains the
+   guidance-free [schnell] twin (same weights) at [schnell]'s shift and text length. The saved
+   weights are an exponential moving average.
+4. A LoRA on the frozen transformer, trained on striped renders under the same prompts: stripes
+   at scale 1, none at scale 0 (the base model).
+The transformer's renders keep near the centre for the most part (POOL_LAYOUT says why).
+
+T5's padding (to 512 tokens for [dev], 256 for [schnell], without an attention mask) encodes to
+runs of identical vectors (see demo_model); identical text tokens stay identical through every
+FLUX block (text tokens all sit at position 0), so training keeps one token per run and adds
+log(run length) to the attention scores on it: the same function as the pipeline's 512 tokens,
+at a tenth of the cost. `context_error` in the record measures the difference (float rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flux_lora import demo_model, demo_world
+from flux_lora.demo_world import BACKGROUNDS, COLOURS, SHAPES, Box, Scene
+from flux_lora.pipeline import MAX_SEQUENCE_LENGTH
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("dev", "schnell")
+GUIDANCE_RANGE = (1.0, 5.0)  # [dev]'s guidance input; the server's default is 3
+EVAL_GUIDANCE = 3.5
+EVAL_STEPS = {"dev": 28, "schnell": 4}
+SCHNELL_EVERY = 4  # one training step in this many trains the [schnell] twin
+KL_WEIGHT = 1e-4  # per latent element, against the per-pixel squared error
+EMA_DECAY = 0.999
+RUN_TOLERANCE = 1e-4  # T5 outputs closer than this (max abs) count as the same vector
+# Where the transformer's (and the LoRA's) training renders put the shape. Drawing a shape at any
+# place and size, as demo_world.layout jitters them, takes this small model far more steps than
+# an hour of CPU allows, while colour and background come quickly; so most renders keep near the
+# centre (side and centre offset as fractions of the image), and a share keep the world's full
+# jitter, so that img2img and inpaint still meet shapes anywhere. The VAE sees only the world's.
+POOL_LAYOUT = {"side": (0.45, 0.55), "offset": 0.05, "world_share": 0.15}
+
+
+@dataclass(frozen=True)
+class Steps:
+    vae: int
+    text: int
+    transformer: int
+    lora: int
+
+
+# Sized for about 75 minutes on one CPU core (see the record for the measured times).
+FULL = Steps(vae=500, text=150, transformer=30000, lora=1500)
+QUICK = Steps(vae=2, text=2, transformer=4, lora=2)
+
+
+@dataclass(frozen=True)
+class Settings:
+    out: Path
+    steps: Steps = FULL
+    seed: int = 0
+    threads: int = 1
+    batch: int = 16
+    renders_per_scene: int = 64  # jittered renders per scene and style in the latent pool
+    eval_every: int = 5000  # transformer steps between quick readings
+    eval_scenes: int = 12  # scenes (every n-th of the 44) in a quick reading
+    log_every: int = 100
+    lr: float = 1e-3
+    lora_rank: int = 8
+    lora_lr: float = 2e-3
+    quick: bool = False
+
+
+@dataclass
+class Pool:
+    """Encoded renders: posterior mean and std per latent, which scene, striped or not."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scene: torch.Tensor
+    striped: torch.Tensor
+
+
+@dataclass
+class TextInputs:
+    """Every scene's prompt, encoded as one pipeline encodes it, T5's runs compressed."""
+
+    context: torch.Tensor  # (scenes, runs, T5 width)
+    log_runs: torch.Tensor  # (scenes, runs): log of each run's length, the attention bias
+    pooled: torch.Tensor  # (scenes, CLIP width)
+
+
+class Trainer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.scenes = demo_world.all_scenes()
+        self.rng = np.random.default_rng(settings.seed)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.record: dict[str, object] = {
+            "settings": {**dataclasses.asdict(settings), "out": str(settings.out)},
+            "command": " ".join(["python -m flux_lora.demo_train", *sys.argv[1:]]),
+        }
+        self.started = time.perf_counter()
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        with tempfile.TemporaryDirectory() as scratch:  # save() writes them again, identically
+            clip_tokenizer, t5_tokenizer = demo_model.build_tokenizers(Path(scratch))
+        seed = self.settings.seed
+        clip, t5 = demo_model.new_text_encoders(clip_tokenizer, t5_tokenizer, seed + 1)
+        vae = demo_model.new_vae(seed + 3)
+        dev = demo_model.new_transformer(seed + 4)
+        self.components = dict(
+            scheduler=None,
+            vae=vae,
+            text_encoder=clip,
+            tokenizer=clip_tokenizer,
+            text_encoder_2=t5,
+            tokenizer_2=t5_tokenizer,
+            transformer=dev,
+        )
+        self.record["parameters"] = {
+            "transformer": demo_model.parameter_count([dev]),
+            "vae": demo_model.parameter_count([vae]),
+            "clip": demo_model.parameter_count([clip]),
+            "t5": demo_model.parameter_count([t5]),
+        }
+        log.info("parameters: %s", self.record["parameters"])
+
+        self._stage("vae", self.train_vae)
+        pool = self._stage("latents", self.encode_pool)
+        self._stage("text", self.train_text)
+        texts = self._stage("text_inputs", self.encode_texts)
+        ema = self._stage("transformer", lambda: self.train_transformer(pool, texts))
+        lora = self._stage("lora", lambda: self.train_lora(ema, pool, texts))
+        components = {**self.components, "transformer": ema}
+        self.record["minutes"] = round((time.perf_counter() - self.started) / 60, 2)
+        root = demo_model.save(self.settings.out, components, demo_model.schnell_twin(ema), lora, self.record)
+        size = demo_model.folder_size(root)
+        self.record["folder_mb"] = round(size / 1e6, 2)
+        (root / demo_model.RECORD_FILE).write_text(json.dumps(self.record, indent=2) + "\n")
+        log.info("saved %s (%.1f MB) after %.1f min", root, size / 1e6, self.record["minutes"])
+        return root
+
+    def _stage(self, name: str, work):
+        started = time.perf_counter()
+        log.info("== %s", name)
+        result = work()
+        seconds = time.perf_counter() - started
+        self.record.setdefault("stage_seconds", {})[name] = round(seconds, 1)
+        log.info("== %s done in %.1f min", name, seconds / 60)
+        return result
+
+    # -- stage 1: the VAE ----------------------------------------------------------------------
+
+    def train_vae(self) -> None:
+        vae, steps = self.components["vae"], self.settings.steps.vae
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+        schedule = _cosine(optimizer, steps, warmup=min(50, steps // 10))
+        vae.train()
+        losses = []
+        for step in range(steps):
+            scenes = [self._random_scene(striped=None) for _ in range(self.settings.batch)]
+            images = self._render(scenes)
+            posterior = vae.encode(images).latent_dist
+            decoded = vae.decode(posterior.sample(generator=self.generator)).sample
+            kl = posterior.kl().mean() / posterior.mean[0].numel()
+            loss = F.mse_loss(decoded, images) + 0.1 * F.l1_loss(decoded, images) + KL_WEIGHT * kl
+            _step(optimizer, schedule, loss, vae.parameters())
+            losses.append(loss.item())
+            self._log_loss("vae", step, steps, losses)
+        vae.eval().requires_grad_(False)
+        self.record["vae"] = {"loss": _tail_mean(losses), **self.check_vae()}
+        log.info("vae round trip: %s", self.record["vae"])
+
+    def check_vae(self) -> dict[str, float]:
+        """The checker's reading of every scene, plain and striped, after an encode-decode."""
+        vae = self.components["vae"]
+        scenes = self.scenes + demo_world.all_scenes(striped=True)
+        images = self._render(scenes, layout="centred")
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(images).latent_dist.mode()).sample
+        restored = _to_pil(decoded)
+        verdicts = [demo_world.judge(image, scene) for image, scene in zip(restored, scenes, strict=True)]
+        return {
+            "all_ok": _mean(v.all_ok for v in verdicts),
+            "stripes_kept": _mean(v.striped == s.striped for v, s in zip(verdicts, scenes, strict=True)),
+            "mean_abs_error": round(float((decoded - images).abs().mean() * 127.5), 2),  # 0..255
+        }
+
+    def encode_pool(self) -> Pool:
+        """Renders of every scene, plain and striped (POOL_LAYOUT), encoded; sets the VAE's factors."""
+        vae, count = self.components["vae"], self.settings.renders_per_scene
+        items = [(index, striped) for striped in (False, True) for index in range(len(self.scenes))] * count
+        means, stds = [], []
+        with torch.no_grad():
+            for start in range(0, len(items), 64):
+                chunk = items[start : start + 64]
+                scenes = [dataclasses.replace(self.scenes[i], striped=s) for i, s in chunk]
+                posterior = vae.encode(self._render(scenes, layout="pool")).latent_dist
+                means.append(posterior.mean)
+                stds.append(posterior.std)
+        pool = Pool(
+            mean=torch.cat(means),
+            std=torch.cat(stds),
+            scene=torch.tensor([i for i, _ in items]),
+            striped=torch.tensor([s for _, s in items]),
+        )
+        samples = pool.mean + pool.std * torch.randn(pool.mean.shape, generator=self.generator)
+        shift, spread = samples.mean().item(), samples.std().item()
+        vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(1 / spread, 4))
+        self.record["latents"] = {
+            "pool": len(items),
+            "shift_factor": vae.config.shift_factor,
+            "scaling_factor": vae.config.scaling_factor,
+            "posterior_std": round(pool.std.mean().item() / spread, 4),  # relative to the spread
+        }
+        log.info("latents: %s", self.record["latents"])
+        return pool
+
+    # -- stage 2: the text encoders ------------------------------------------------------------
+
+    def train_text(self) -> None:
+        clip, t5 = self.components["text_encoder"], self.components["text_encoder_2"]
+        steps = self.settings.steps.text
+        labels = torch.tensor(
+            [
+                [
+                    SHAPES.index(s.shape),
+                    list(COLOURS).index(s.colour),
+                    list(BACKGROUNDS).index(s.background),
+                ]
+                for s in self.scenes
+            ]
+        )
+        clip_ids, t5_ids = self._token_ids()
+        heads = torch.nn.ModuleDict(
+            {
+                "clip": torch.nn.Linear(demo_model.CLIP_WIDTH, _CLASSES),
+                "t5": torch.nn.Linear(demo_model.T5_WIDTH, _CLASSES),
+            }
+        )
+        parameters = [*clip.parameters(), *t5.parameters(), *heads.parameters()]
+        optimizer = torch.optim.AdamW(parameters, lr=2e-3, weight_decay=0.0)
+        schedule = _cosine(optimizer, steps, warmup=min(20, steps // 10))
+        clip.train()
+        t5.train()
+        losses = []
+        for step in range(steps):
+            variant = VARIANTS[step % 2]  # both padded lengths, in turn
+            pooled = clip(clip_ids).pooler_output
+            # T5 at 512 tokens costs most: a batch of the prompts each step.
+            some = torch.randperm(len(self.scenes), generator=self.generator)[: self.settings.batch]
+            tokens = t5(t5_ids[variant][some]).last_hidden_state
+            loss = _attribute_loss(heads["clip"](pooled), labels)
+            t5_logits = self._token_logits(heads["t5"], tokens, t5_ids[variant][some])
+            loss = loss + _attribute_loss(t5_logits, labels[some])
+            _step(optimizer, schedule, loss, parameters)
+            demo_model.pin_far_buckets(t5)
+            losses.append(loss.item())
+            self._log_loss("text", step, steps, losses, every=max(1, self.settings.log_every // 4))
+        clip.eval().requires_grad_(False)
+        t5.eval().requires_grad_(False)
+        with torch.no_grad():
+            accuracy = {"clip": _accuracy(heads["clip"](clip(clip_ids).pooler_output), labels)}
+            for variant in VARIANTS:
+                tokens = t5(t5_ids[variant]).last_hidden_state
+                logits = self._token_logits(heads["t5"], tokens, t5_ids[variant])
+                accuracy[f"t5_{MAX_SEQUENCE_LENGTH[variant]}"] = _accuracy(logits, labels)
+        self.record["text"] = {"loss": _tail_mean(losses), "accuracy": accuracy}
+        log.info("text side task: %s", self.record["text"])
+
+    def _token_ids(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Token ids exactly as FluxPipeline makes them: CLIP padded to 77, T5 to each length."""
+        prompts = [scene.prompt for scene in self.scenes]
+        clip_tokenizer, t5_tokenizer = self.components["tokenizer"], self.components["tokenizer_2"]
+        clip_ids = clip_tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=clip_tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        t5_ids = {
+            variant: t5_tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=MAX_SEQUENCE_LENGTH[variant],
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            for variant in VARIANTS
+        }
+        return clip_ids, t5_ids
+
+    def _token_logits(self, head, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The mean of the per-token predictions over the prompt's tokens (padding excluded)."""
+        words = (ids != self.components["tokenizer_2"].pad_token_id).unsqueeze(-1).float()
+        return (head(tokens) * words).sum(1) / words.sum(1)
+
+    def encode_texts(self) -> dict[str, TextInputs]:
+        """Every prompt through the pipeline's own encode_prompt, for each release's length."""
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline(**{**self.components, "scheduler": _scheduler("dev")})
+        prompts = [scene.prompt for scene in self.scenes]
+        texts = {}
+        with torch.no_grad():
+            for variant in VARIANTS:
+                embeds, pooled, _ = pipe.encode_prompt(
+                    prompts, prompt_2=None, max_sequence_length=MAX_SEQUENCE_LENGTH[variant]
+                )
+                context, log_runs = compress_runs(embeds)
+                texts[variant] = TextInputs(context, log_runs, pooled)
+                error = self.context_error(embeds[:2], texts[variant], variant)
+                self.record.setdefault("context", {})[variant] = {
+                    "tokens": embeds.shape[1],
+                    "runs": context.shape[1],
+                    "context_error": error,
+                }
+        log.info("text inputs: %s", self.record["context"])
+        return texts
+
+    def context_error(self, embeds: torch.Tensor, text: TextInputs, variant: str) -> float:
+        """Max difference between the transformer's output on the full context and on the runs."""
+        transformer = self.components["transformer"]
+        if variant == "schnell":
+            transformer = demo_model.schnell_twin(transformer)
+        count = embeds.shape[0]
+        noisy = torch.randn(count, 64, 64, generator=self.generator)
+        inputs = dict(
+            hidden_states=noisy,
+            pooled_projections=text.pooled[:count],
+            timestep=torch.full((count,), 0.5),
+            guidance=torch.full((count,), EVAL_GUIDANCE) if variant == "dev" else None,
+            img_ids=_image_ids(),
+            return_dict=False,
+        )
+        with torch.no_grad():
+            full = transformer(
+                encoder_hidden_states=embeds, txt_ids=torch.zeros(embeds.shape[1], 3), **inputs
+            )
+            runs = transformer(**inputs, **_context_inputs(text, torch.arange(count)))
+        return float((full[0] - runs[0]).abs().max())
+
+    # -- stage 3: the transformer --------------------------------------------------------------
+
+    def train_transformer(self, pool: Pool, texts: dict[str, TextInputs]):
+        dev = self.components["transformer"]
+        twins = {"dev": dev, "schnell": demo_model.schnell_twin(dev)}
+        ema = copy.deepcopy(dev).requires_grad_(False)
+        steps = self.settings.steps.transformer
+        optimizer = torch.optim.AdamW(dev.parameters(), lr=self.settings.lr, weight_decay=0.01)
+        schedule = _cosine(optimizer, steps, warmup=min(500, steps // 10))
+        plain = torch.nonzero(~pool.striped).flatten()
+        dev.train()
+        losses: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+        for step in range(steps):
+            variant = "schnell" if step % SCHNELL_EVERY == SCHNELL_EVERY - 1 else "dev"
+            loss = self._flow_loss(twins[variant], variant, pool, plain, texts[variant])
+            _step(optimizer, schedule, loss, dev.parameters())
+            _ema_update(ema, dev, min(EMA_DECAY, (1 + step) / (10 + step)))
+            losses[variant].append(loss.item())
+            self._log_loss("transformer", step, steps, losses["dev"])
+            if (step + 1) % self.settings.eval_every == 0 and step + 1 < steps:
+                self._log_quality(f"transformer step {step + 1}", ema)
+        ema.eval()
+        self.record["transformer"] = {
+            "loss": {variant: _tail_mean(values) for variant, values in losses.items()},
+            "quality": self._log_quality("transformer final", ema),
+        }
+        return ema
+
+    def _flow_loss(self, transformer, variant: str, pool: Pool, indices: torch.Tensor, text: TextInputs):
+        batch = self.settings.batch
+        chosen = indices[torch.randint(len(indices), (batch,), generator=self.generator)]
+        x0 = self._latents(pool, chosen)
+        noise = torch.randn(x0.shape, generator=self.generator)
+        sigma = noise_levels(variant, batch, self.generator)
+        noisy = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        guidance = None
+        if variant == "dev":
+            low, high = GUIDANCE_RANGE
+            guidance = low + (high - low) * torch.rand(batch, generator=self.generator)
+        prediction = transformer(
+            hidden_states=noisy,
+            pooled_projections=text.pooled[pool.scene[chosen]],
+            timestep=sigma,  # the pipeline passes t / 1000 = sigma
+            guidance=guidance,  # and the raw guidance scale
+            img_ids=_image_ids(),
+            return_dict=False,
+            **_context_inputs(text, pool.scene[chosen]),
+        )[0]
+        return F.mse_loss(prediction, noise - x0)
+
+    def _latents(self, pool: Pool, chosen: torch.Tensor) -> torch.Tensor:
+        """Packed, normalised latents as the pipeline's img2img makes them (a posterior sample)."""
+        from diffusers import FluxPipeline
+
+        vae = self.components["vae"]
+        mean, std = pool.mean[chosen], pool.std[chosen]
+        latents = mean + std * torch.randn(mean.shape, generator=self.generator)
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        return FluxPipeline._pack_latents(latents, *latents.shape)
+
+    # -- stage 4: the LoRA ---------------------------------------------------------------------
+
+    def train_lora(self, ema, pool: Pool, texts: dict[str, TextInputs]) -> bytes:
+        from peft import LoraConfig
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save
+
+        rank, steps = self.settings.lora_rank, self.settings.steps.lora
+        styled = copy.deepcopy(ema)
+        styled.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+        )
+        twins = {"dev": styled, "schnell": demo_model.schnell_twin(styled)}
+        parameters = [p for p in styled.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=self.settings.lora_lr, weight_decay=0.0)
+        schedule = _cosine(optimizer, steps, warmup=min(50, steps // 10))
+        striped = torch.nonzero(pool.striped).flatten()
+        styled.train()
+        losses = []
+        for step in range(steps):
+            variant = "schnell" if step % SCHNELL_EVERY == SCHNELL_EVERY - 1 else "dev"
+            loss = self._flow_loss(twins[variant], variant, pool, striped, texts[variant])
+            _step(optimizer, schedule, loss, parameters)
+            if variant == "dev":
+                losses.append(loss.item())
+            self._log_loss("lora", step, steps, losses)
+        styled.eval()
+        state = get_peft_model_state_dict(styled)
+        tensors = {f"transformer.{key}": value.to(torch.float16).contiguous() for key, value in state.items()}
+        self.record["lora"] = {
+            "rank": rank,
+            "layers": len(tensors) // 2,
+            "loss": _tail_mean(losses),
+            "stripes": self._log_quality("lora scale 1", styled, stripes=True),
+        }
+        return save(tensors)
+
+    # -- readings ------------------------------------------------------------------------------
+
+    def _log_quality(self, label: str, transformer, *, stripes: bool = False) -> dict[str, float]:
+        """Generate every n-th scene with both releases' in-memory pipelines and judge them."""
+        scenes = self.scenes[:: max(1, len(self.scenes) // self.settings.eval_scenes)]
+        if self.settings.quick:
+            scenes = scenes[:1]
+        reading = {}
+        for variant in VARIANTS:
+            images = self.generate(transformer, variant, [scene.prompt for scene in scenes])
+            verdicts = [demo_world.judge(image, scene) for image, scene in zip(images, scenes, strict=True)]
+            reading[variant] = {
+                "all_ok": _mean(v.all_ok for v in verdicts),
+                "background": _mean(v.background_ok for v in verdicts),
+                "colour": _mean(v.colour_ok for v in verdicts),
+                "shape": _mean(v.shape_ok for v in verdicts),
+                "striped": _mean(v.striped for v in verdicts),
+            }
+        log.info("%s: %s", label, json.dumps(reading))
+        self.record.setdefault("readings", {})[label] = reading
+        return reading
+
+    def generate(self, transformer, variant: str, prompts: list[str]) -> list:
+        from diffusers import FluxPipeline
+
+        if variant == "schnell":
+            transformer = demo_model.schnell_twin(transformer)
+        pipe = FluxPipeline(
+            **{**self.components, "scheduler": _scheduler(variant), "transformer": transformer}
+        )
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = {"guidance_scale": EVAL_GUIDANCE} if variant == "dev" else {}
+        steps = 2 if self.settings.quick else EVAL_STEPS[variant]
+        return pipe(
+            prompts,
+            height=demo_model.IMAGE_SIZE,
+            width=demo_model.IMAGE_SIZE,
+            num_inference_steps=steps,
+            max_sequence_length=MAX_SEQUENCE_LENGTH[variant],
+            generator=torch.Generator().manual_seed(self.settings.seed),
+            **kwargs,
+        ).images
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _random_scene(self, striped: bool | None) -> Scene:
+        scene = self.scenes[self.rng.integers(len(self.scenes))]
+        return dataclasses.replace(scene, striped=bool(self.rng.integers(2)) if striped is None else striped)
+
+    def _render(self, scenes: list[Scene], *, layout: str = "world") -> torch.Tensor:
+        """Images in [-1, 1], (batch, 3, 64, 64), laid out as `layout` says: "world" jitters as
+        demo_world.render does, "centred" does not, "pool" mostly keeps near the centre."""
+        size = demo_model.IMAGE_SIZE
+        boxes = {
+            "world": lambda: demo_world.layout(size, self.rng),
+            "centred": lambda: demo_world.layout(size),
+            "pool": self._pool_box,
+        }[layout]
+        pixels = np.stack([np.asarray(demo_world.paint(scene, size, boxes())) for scene in scenes])
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def _pool_box(self) -> Box:
+        """Near the centre, but for a share of the world's full jitter (see POOL_LAYOUT)."""
+        size = demo_model.IMAGE_SIZE
+        if self.rng.random() < POOL_LAYOUT["world_share"]:
+            return demo_world.layout(size, self.rng)
+        side = self.rng.uniform(*POOL_LAYOUT["side"]) * size
+        top, left = size / 2 - side / 2 + self.rng.uniform(-1, 1, 2) * POOL_LAYOUT["offset"] * size
+        return Box(top, left, side, side)
+
+    def _log_loss(self, stage: str, step: int, steps: int, losses: list[float], every: int = 0) -> None:
+        every = every or self.settings.log_every
+        if (step + 1) % every == 0 or step + 1 == steps:
+            minutes = (time.perf_counter() - self.started) / 60
+            log.info(
+                "%s step %d/%d loss %.4f (%.1f min)", stage, step + 1, steps, _tail_mean(losses), minutes
+            )
+
+
+# Every linear layer inside the blocks: attention, feed-forward, the single blocks' MLP. The
+# embedders and the output layer stay out (the [schnell] twin shares the blocks, not those).
+LORA_TARGETS = (
+    r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+    r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)"
+)
+_CLASSES = len(SHAPES) + len(COLOURS) + len(BACKGROUNDS)
+
+
+def compress_runs(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompts, tokens, width) -> one vector per run of equal consecutive tokens, and the log of
+    each run's length; prompts with fewer runs are filled with runs of weight ~0."""
+    contexts, lengths = [], []
+    for tokens in embeds:
+        starts = torch.ones(len(tokens), dtype=torch.bool)
+        starts[1:] = (tokens[1:] - tokens[:-1]).abs().amax(-1) > RUN_TOLERANCE
+        run = torch.cumsum(starts, 0) - 1
+        contexts.append(tokens[starts])
+        lengths.append(torch.bincount(run).float())
+    longest = max(len(c) for c in contexts)
+    context = torch.zeros(len(contexts), longest, embeds.shape[-1])
+    log_runs = torch.full((len(contexts), longest), -80.0)  # exp(-80): no weight at all
+    for index, (tokens, length) in enumerate(zip(contexts, lengths, strict=True)):
+        context[index, : len(tokens)] = tokens
+        log_runs[index, : len(tokens)] = length.log()
+    return context, log_runs
+
+
+def noise_levels(variant: str, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Training noise levels: logit-normal (a tenth uniform, for the ends), through the release's
+    shift for 64 image tokens; half of [schnell]'s on its own 4-step grid."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = _scheduler(variant)
+    config = scheduler.config
+    u = torch.sigmoid(torch.randn(count, generator=generator))
+    uniform = torch.rand(count, generator=generator) < 0.1
+    u = torch.where(uniform, torch.rand(count, generator=generator), u).clamp(1e-4, 1.0)
+    if config.use_dynamic_shifting:
+        mu = calculate_shift(
+            _IMAGE_TOKENS,
+            config.base_image_seq_len,
+            config.max_image_seq_len,
+            config.base_shift,
+            config.max_shift,
+        )
+        sigma = scheduler.time_shift(mu, 1.0, u)
+    else:
+        sigma = config.shift * u / (1 + (config.shift - 1) * u)
+    if variant == "schnell":
+        steps = EVAL_STEPS["schnell"]
+        grid = torch.linspace(1.0, 1 / steps, steps)
+        on_grid = torch.rand(count, generator=generator) < 0.5
+        sigma = torch.where(on_grid, grid[torch.randint(steps, (count,), generator=generator)], sigma)
+    return sigma.float()
+
+
+_IMAGE_TOKENS = (demo_model.IMAGE_SIZE // 8) ** 2  # 16x16 latents, packed 2x2
+
+
+def _context_inputs(text: TextInputs, scenes: torch.Tensor) -> dict[str, object]:
+    """The compressed context and its attention bias: log(run length) on each text key, 0 on the
+    image keys (the processor passes `attention_mask` to scaled_dot_product_attention)."""
+    log_runs = text.log_runs[scenes]
+    bias = torch.cat([log_runs, torch.zeros(len(scenes), _IMAGE_TOKENS)], dim=1)
+    return dict(
+        encoder_hidden_states=text.context[scenes],
+        txt_ids=torch.zeros(text.context.shape[1], 3),
+        joint_attention_kwargs={"attention_mask": bias[:, None, None, :]},
+    )
+
+
+def _image_ids() -> torch.Tensor:
+    from diffusers import FluxPipeline
+
+    side = demo_model.IMAGE_SIZE // 8
+    return FluxPipeline._prepare_latent_image_ids(1, side, side, torch.device("cpu"), torch.float32)
+
+
+def _scheduler(variant: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from flux_lora import tiny
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **tiny.SCHEDULERS[variant])
+
+
+def _attribute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    shape, colour, background = logits.split([len(SHAPES), len(COLOURS), len(BACKGROUNDS)], dim=-1)
+    return sum(
+        F.cross_entropy(part, labels[:, index]) for index, part in enumerate((shape, colour, background))
+    )
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    parts = logits.split([len(SHAPES), len(COLOURS), len(BACKGROUNDS)], dim=-1)
+    right = torch.stack([part.argmax(-1) == labels[:, index] for index, part in enumerate(parts)]).all(0)
+    return round(right.float().mean().item(), 4)
+
+
+def _step(optimizer, schedule, loss: torch.Tensor, parameters) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(parameters), 1.0)
+    optimizer.step()
+    schedule.step()
+
+
+def _cosine(optimizer, steps: int, warmup: int):
+    """Linear warm-up, then a cosine down to a tenth of the rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for averaged, current in zip(ema.parameters(), model.parameters(), strict=True):
+            averaged.lerp_(current, 1 - decay)
+
+
+def _to_pil(images: torch.Tensor) -> list:
+    from PIL import Image
+
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(p, "RGB") for p in pixels]
+
+
+def _tail_mean(values: list[float], count: int = 100) -> float:
+    tail = values[-count:]
+    return round(sum(tail) / len(tail), 5) if tail else float("nan")
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return round(sum(map(float, values)) / len(values), 4) if values else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flux_lora.demo_train", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--out", type=Path, default=Path("weights/demo"), help="model folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
+    parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test")
+    for stage in ("vae", "text", "transformer", "lora"):
+        parser.add_argument(
+            f"--{stage}-steps", type=int, default=None, help=f"default {getattr(FULL, stage)}"
+        )
+    parser.add_argument("--batch", type=int, default=Settings.batch)
+    parser.add_argument("--eval-every", type=int, default=Settings.eval_every)
+    parser.add_argument("--lr", type=float, default=Settings.lr, help="the transformer's peak learning rate")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    base = QUICK if args.quick else FULL
+    steps = Steps(
+        **{
+            stage: getattr(args, f"{stage}_steps") or getattr(base, stage)
+            for stage in ("vae", "text", "transformer", "lora")
+        }
+    )
+    settings = Settings(
+        out=args.out,
+        steps=steps,
+        seed=args.seed,
+        threads=args.threads,
+        batch=4 if args.quick else args.batch,
+        renders_per_scene=1 if args.quick else Settings.renders_per_scene,
+        eval_every=args.eval_every,
+        lr=args.lr,
+        log_every=1 if args.quick else Settings.log_every,
+        quick=args.quick,
+    )
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    Trainer(settings).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

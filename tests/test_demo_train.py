@@ -1,0 +1,67 @@
+"""`scripts/train-demo --quick`: every training stage for a few steps, and what it writes loads
+through our own loader like real FLUX and draws 64x64 images (the figures are not the point:
+the weights have barely moved)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench import demo_quality
+from flux_lora import demo_model, demo_world
+from flux_lora.models import ModelSource
+from flux_lora.pipeline import FluxPipelines
+from flux_lora.schema import GenerationRequest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "model"
+    subprocess.run(["./scripts/train-demo", "--quick", "--out", str(out)], cwd=REPO, check=True, timeout=120)
+    return out
+
+
+def test_quick_run_writes_the_flux_layout_small(quick_model: Path):
+    for release in ("FLUX.1-dev", "FLUX.1-schnell"):
+        index = json.loads((quick_model / release / "model_index.json").read_text())
+        assert index["_class_name"] == "FluxPipeline"
+        assert all((quick_model / release / component).is_dir() for component in index if component[0] != "_")
+    dev = json.loads((quick_model / "FLUX.1-dev/transformer/config.json").read_text())
+    schnell = json.loads((quick_model / "FLUX.1-schnell/transformer/config.json").read_text())
+    assert dev["guidance_embeds"] is True and schnell["guidance_embeds"] is False
+    assert demo_model.folder_size(quick_model) < 15_000_000
+    record = json.loads((quick_model / demo_model.RECORD_FILE).read_text())
+    assert set(record["stage_seconds"]) >= {"vae", "text", "transformer", "lora"}
+    # Training on compressed T5 padding computes what the pipeline's full padding does.
+    assert all(entry["context_error"] < 1e-4 for entry in record["context"].values())
+    lora = load_file(quick_model / demo_model.LORA_FILE)
+    assert lora and all(key.startswith("transformer.") for key in lora)
+    assert {key.rsplit(".", 2)[-2] for key in lora} == {"lora_A", "lora_B"}
+
+
+def test_quick_model_loads_and_draws_64px(quick_model: Path):
+    pipelines = FluxPipelines.load(ModelSource(quick_model), torch.device("cpu"))
+    prompt = demo_world.all_scenes()[0].prompt
+    for variant in ("dev", "schnell"):
+        request = GenerationRequest(prompt=prompt, model=variant, num_inference_steps=2)
+        (image,) = pipelines.generate(request, size=(64, 64), seed=1)
+        assert image.size == (64, 64)
+    # Both releases run the same shared components; the latents are 16x16 (64 tokens).
+    dev, schnell = pipelines.variant("dev").txt2img, pipelines.variant("schnell").txt2img
+    assert dev.vae is schnell.vae and dev.text_encoder_2 is schnell.text_encoder_2
+    assert dev.vae_scale_factor == 4
+
+
+def test_quality_bench_runs_on_the_quick_model(quick_model: Path):
+    record = demo_quality.measure(
+        quick_model, seeds=1, scenes=demo_world.all_scenes()[:1], steps={"dev": 2, "schnell": 1}
+    )
+    assert set(record) >= {"txt2img", "img2img", "inpaint", "lora"}
+    assert set(record["txt2img"]) == {"dev", "schnell"}
