@@ -11,8 +11,9 @@ would run it:
 - inpaint: a centred render with a box over its shape, repainted under another scene's prompt
   with the same background: the box's pixels change (mean change, and the share the checker reads
   as the new scene), while the pixels away from the box (BOX_MARGIN px out) stay within the VAE's
-  own round-trip error on them (the pipeline blends the image's posterior sample back outside the
-  mask, so that error is the floor);
+  round-trip error on that image (the pipeline blends the image's posterior sample back outside
+  the mask, so a round trip is the floor; the decoder's mid-block attention carries a trace of the
+  repainted box everywhere, so the same pixels' own round-trip error is reported beside it);
 - the LoRA (stripes-lora.safetensors) through our AdapterSet: striped share at scale 1 and 0.
 Writes a JSON record (default: quality.json beside the model) and prints it.
 """
@@ -122,7 +123,7 @@ def inpaint(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
     )
     mask = Image.fromarray(np.where(inside, 255, 0).astype(np.uint8), "L").convert("RGB")
     vae = pipelines.variant("dev").txt2img.vae
-    changes, judged, errors, floors = [], [], [], []
+    changes, judged, errors, floors, rest_floors = [], [], [], [], []
     for index, scene in enumerate(scenes):
         target = _other_scene(scene, index)
         source = demo_world.render(scene, SIZE)
@@ -137,20 +138,21 @@ def inpaint(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
         changes.append(float(difference[inside].mean()))
         judged.append(demo_world.judge(image, target).all_ok)
         errors.append(float(difference[away].mean()))
-        floors.append(
-            float(np.abs(_pixels(_round_trip(vae, source, index)) - _pixels(source)).mean(-1)[away].mean())
-        )
+        round_trip = np.abs(_pixels(_round_trip(vae, source, index)) - _pixels(source)).mean(-1)
+        floors.append(float(round_trip.mean()))
+        rest_floors.append(float(round_trip[away].mean()))
     return {
         "strength": INPAINT_STRENGTH,
         "masked_change_mean": round(statistics.fmean(changes), 2),
         f"share_changed_over_{MIN_CHANGE:g}": _share(c > MIN_CHANGE for c in changes),
         "share_new_scene_all_ok": _share(judged),
+        # Mean absolute differences from the input, in levels of 0..255.
         "rest_error_mean": round(statistics.fmean(errors), 3),
+        "rest_error_max": round(max(errors), 3),
         "vae_round_trip_error_mean": round(statistics.fmean(floors), 3),
-        # Within the round trip's error: no worse than 1.5 times it, or 1 level in 255 above it.
-        "share_rest_within_round_trip": _share(
-            e <= max(1.5 * f, f + 1.0) for e, f in zip(errors, floors, strict=True)
-        ),
+        "vae_round_trip_error_on_rest_mean": round(statistics.fmean(rest_floors), 3),
+        # The issue's bar: the rest no farther from the input than a round trip takes that image.
+        "share_rest_within_round_trip": _share(e <= f for e, f in zip(errors, floors, strict=True)),
     }
 
 

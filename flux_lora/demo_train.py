@@ -2,7 +2,7 @@
 
     ./scripts/train-demo --out weights/demo [--quick] [--seed 0] [--threads 1]
 
-The default step counts take about 70 minutes on one CPU core (the record, training.json beside
+The default step counts take about 65 minutes on one CPU core (the record, training.json beside
 the weights, has each stage's time); `--quick` runs every stage for a few steps in seconds.
 Results are reproducible for a given seed and thread count (the thread count changes the order
 of floating-point sums).
