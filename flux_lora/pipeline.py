@@ -95,8 +95,8 @@ class FluxPipelines:
         self.compiler = compiler
         compiler.load_cache()
         keys = [(name, fast) for name in RELEASES for fast in (False, True)]
-        for name, fast in keys:  # the fp8 copies first: copies of the slot-free transformers
-            self.variant(name, fast=fast)
+        for name in RELEASES:  # the fp8 copies first: copies of the slot-free transformers
+            self.variant(name, fast=True)
         for name, fast in keys:
             self.residency.ensure((name, fast))
             transformer = self.variant(name, fast=fast).txt2img.transformer
