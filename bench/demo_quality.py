@@ -1,9 +1,9 @@
 """The trained demo model's quality, measured with the synthetic world's checker (issue 8).
 
-    python bench/demo_quality.py --model weights/demo [--seeds 3] [--record FILE]
+    ./scripts/demo-quality [--model demo] [--seeds 3] [--record FILE]
 
-Everything runs through our own loader and `FluxPipelines.generate` at 64x64, as the server
-would run it:
+Everything runs through our own loader and `FluxPipelines.generate` at the model's size (256x256
+for the committed model), as the server would run it:
 - txt2img: every scene (44) x seeds, [dev] at 28 steps (guidance 3.5) and [schnell] at 4: the
   share with colour, background and shape all right, and each part's share;
 - img2img at prompt_strength 0.3 on a jittered render of each scene: the outline overlap between
@@ -33,7 +33,7 @@ from PIL import Image
 from flux_lora import demo_model, demo_world
 from flux_lora.demo_world import Scene
 from flux_lora.lora import AdapterSet, WantedAdapter
-from flux_lora.models import ModelSource
+from flux_lora.models import DEMO_MODEL_DIR, ModelSource
 from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
 
@@ -43,7 +43,7 @@ GUIDANCE = 3.5
 IMG2IMG_STRENGTH = 0.3
 MIN_OVERLAP = 0.85  # the issue's bar for img2img at strength 0.3
 INPAINT_STRENGTH = 0.8  # the schema's default prompt_strength
-BOX_MARGIN = 8  # px: the decoder spreads a latent's change about this far
+BOX_MARGIN = SIZE // 8  # px: the decoder spreads a latent's change about two latents (16 px each)
 MIN_CHANGE = 20.0  # mean absolute change (0..255) that counts as repainted
 
 
@@ -125,7 +125,7 @@ def inpaint(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
     vae = pipelines.variant("dev").txt2img.vae
     changes, judged, errors, floors, rest_floors = [], [], [], [], []
     for index, scene in enumerate(scenes):
-        target = _other_scene(scene, index)
+        target = other_scene(scene, index)
         source = demo_world.render(scene, SIZE)
         (image,) = pipelines.generate(
             request(target, "dev", steps, prompt_strength=INPAINT_STRENGTH),
@@ -138,9 +138,9 @@ def inpaint(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
         changes.append(float(difference[inside].mean()))
         judged.append(demo_world.judge(image, target).all_ok)
         errors.append(float(difference[away].mean()))
-        round_trip = np.abs(_pixels(_round_trip(vae, source, index)) - _pixels(source)).mean(-1)
-        floors.append(float(round_trip.mean()))
-        rest_floors.append(float(round_trip[away].mean()))
+        trip = np.abs(_pixels(round_trip(vae, source, index)) - _pixels(source)).mean(-1)
+        floors.append(float(trip.mean()))
+        rest_floors.append(float(trip[away].mean()))
     return {
         "strength": INPAINT_STRENGTH,
         "masked_change_mean": round(statistics.fmean(changes), 2),
@@ -173,7 +173,7 @@ def lora_stripes(pipelines: FluxPipelines, variant: str, lora: Path, scenes: lis
     return shares
 
 
-def _other_scene(scene: Scene, index: int) -> Scene:
+def other_scene(scene: Scene, index: int) -> Scene:
     """A scene on the same background with another colour and shape, varied with `index`."""
     options = [
         other
@@ -185,14 +185,12 @@ def _other_scene(scene: Scene, index: int) -> Scene:
     return options[index % len(options)]
 
 
-def _round_trip(vae, image: Image.Image, seed: int) -> Image.Image:
+def round_trip(vae, image: Image.Image, seed: int) -> Image.Image:
     """Encode (a posterior sample, as the inpaint pipeline takes it) and decode."""
-    pixels = torch.from_numpy(_pixels(image)).permute(2, 0, 1)[None] / 127.5 - 1
     with torch.no_grad():
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(torch.Generator().manual_seed(seed))
-        decoded = vae.decode(latents).sample.float()
-    array = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array, "RGB")
+        pixels = demo_model.to_tensor([image.convert("RGB")]).to(vae.dtype)
+        latents = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(seed))
+        return demo_model.to_pil(vae.decode(latents).sample.float())[0]
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -206,7 +204,7 @@ def _share(values) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=Path("weights/demo"), help="the trained model folder")
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR, help="the trained model folder")
     parser.add_argument("--seeds", type=int, default=3, help="txt2img seeds per scene")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--record", type=Path, default=None, help="default: <model>/quality.json")

@@ -4,8 +4,10 @@ The classes are FLUX.1's (FluxTransformer2DModel, a 16-channel AutoencoderKL, CL
 T5EncoderModel with their tokenizers, FlowMatchEulerDiscreteScheduler with the real schedulers'
 settings) and the folders those of the Hugging Face repos, so the unchanged diffusers pipelines
 load it through `FluxPipelines.load`. Two sizes differ from the real model on purpose:
-- the VAE has 3 levels, not 4: 64 px images give 16x16 latents, 8x8 = 64 tokens after 2x2
-  packing (diffusers derives its scale factor, 4, from the number of levels);
+- the VAE has 5 levels, not 4: 256 px images, the schema's smallest, give 16x16 latents, 8x8 =
+  64 tokens after 2x2 packing (diffusers derives its scale factor, 16, from the number of
+  levels), so image sides are multiples of 32. Training runs at 64 px with a 3-level VAE of the
+  same latent space (CORE_VAE), which the 5-level one is distilled from (`demo_widen`);
 - T5's relative attention sees only the next and previous token (every farther bucket is pinned
   at zero): the words still learn their order, and the padding after the prompt encodes to a run
   of identical vectors, which lets training stand in one weighted token for the run.
@@ -24,12 +26,14 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flux_lora import demo_world, tiny
 from flux_lora.tiny_checkers import build_checkers
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = 256  # what the saved model draws: 64 tokens
+CORE_SIZE = 64  # what stages 1 to 4 train at, with CORE_VAE: the same 64 tokens
 CLIP_WIDTH = 64
 T5_WIDTH = 64
 # 2 double + 2 single blocks, width 128 = 4 heads x 32, rope axes summing to the head dim.
@@ -44,7 +48,7 @@ TRANSFORMER = dict(
     pooled_projection_dim=CLIP_WIDTH,
     axes_dims_rope=(8, 12, 12),
 )
-VAE = dict(
+CORE_VAE = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 3,
@@ -53,9 +57,17 @@ VAE = dict(
     layers_per_block=1,
     latent_channels=16,
     norm_num_groups=8,
-    sample_size=IMAGE_SIZE,
+    sample_size=CORE_SIZE,
     use_quant_conv=False,
     use_post_quant_conv=False,
+)
+# Two thin outer levels around the core's three (whose weights they start from).
+VAE = dict(
+    CORE_VAE,
+    down_block_types=("DownEncoderBlock2D",) * 5,
+    up_block_types=("UpDecoderBlock2D",) * 5,
+    block_out_channels=(8, 16, 32, 64, 64),
+    sample_size=IMAGE_SIZE,
 )
 CLIP = dict(
     hidden_size=CLIP_WIDTH,
@@ -148,11 +160,11 @@ def pin_far_buckets(t5) -> None:
         table[far] = 0.0
 
 
-def new_vae(seed: int):
+def new_core_vae(seed: int):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(**VAE)
+    return AutoencoderKL(**CORE_VAE)
 
 
 def new_transformer(seed: int):
@@ -213,6 +225,32 @@ def save(root: Path, components: dict[str, object], schnell, lora: bytes | None,
         shutil.rmtree(staging, ignore_errors=True)
         diffusers.utils.logging.set_verbosity(verbosity)
     return root
+
+
+def replace_vae(root: Path, vae) -> None:
+    """Write `vae` over both releases' VAE, each through a sibling folder renamed into place."""
+    for release in tiny.RELEASES.values():
+        target = Path(root) / release / "vae"
+        staging = Path(tempfile.mkdtemp(prefix=".vae-", dir=target.parent))
+        try:
+            _save_component(vae, staging / "vae")
+            shutil.rmtree(target)
+            (staging / "vae").rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> (batch, 3, height, width) in [-1, 1], the VAE's range."""
+    pixels = np.stack([np.asarray(image) for image in images])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_pil(images: torch.Tensor) -> list:
+    from PIL import Image
+
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(p, "RGB") for p in pixels]
 
 
 def folder_size(root: Path) -> int:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flux_lora import demo_model, demo_world
+from flux_lora import demo_model, demo_widen, demo_world
 from flux_lora.demo_world import BACKGROUNDS, COLOURS, SHAPES, Box, Scene
 from flux_lora.pipeline import MAX_SEQUENCE_LENGTH
 
@@ -137,7 +137,7 @@ class Trainer:
             clip_tokenizer, t5_tokenizer = demo_model.build_tokenizers(Path(scratch))
         seed = self.settings.seed
         clip, t5 = demo_model.new_text_encoders(clip_tokenizer, t5_tokenizer, seed + 1)
-        vae = demo_model.new_vae(seed + 3)
+        vae = demo_model.new_core_vae(seed + 3)
         dev = demo_model.new_transformer(seed + 4)
         self.components = dict(
             scheduler=None,
@@ -162,7 +162,11 @@ class Trainer:
         texts = self._stage("text_inputs", self.encode_texts)
         ema = self._stage("transformer", lambda: self.train_transformer(pool, texts))
         lora = self._stage("lora", lambda: self.train_lora(ema, pool, texts))
-        components = {**self.components, "transformer": ema}
+        # The 64 px VAE as saved and loaded again (float16), as `--widen` on a saved model sees it.
+        core = copy.deepcopy(vae).to(torch.float16).float()
+        widener = demo_widen.Widener(core, demo_widen.WidenSettings.for_run(seed, quick=self.settings.quick))
+        wide, self.record["widen"] = self._stage("widen", widener.train)
+        components = {**self.components, "transformer": ema, "vae": wide}
         self.record["minutes"] = round((time.perf_counter() - self.started) / 60, 2)
         root = demo_model.save(self.settings.out, components, demo_model.schnell_twin(ema), lora, self.record)
         size = demo_model.folder_size(root)
@@ -209,7 +213,7 @@ class Trainer:
         images = self._render(scenes, layout="centred")
         with torch.no_grad():
             decoded = vae.decode(vae.encode(images).latent_dist.mode()).sample
-        restored = _to_pil(decoded)
+        restored = demo_model.to_pil(decoded)
         verdicts = [demo_world.judge(image, scene) for image, scene in zip(restored, scenes, strict=True)]
         return {
             "all_ok": _mean(v.all_ok for v in verdicts),
@@ -504,8 +508,8 @@ class Trainer:
         steps = 2 if self.settings.quick else EVAL_STEPS[variant]
         return pipe(
             prompts,
-            height=demo_model.IMAGE_SIZE,
-            width=demo_model.IMAGE_SIZE,
+            height=demo_model.CORE_SIZE,
+            width=demo_model.CORE_SIZE,
             num_inference_steps=steps,
             max_sequence_length=MAX_SEQUENCE_LENGTH[variant],
             generator=torch.Generator().manual_seed(self.settings.seed),
@@ -521,18 +525,17 @@ class Trainer:
     def _render(self, scenes: list[Scene], *, layout: str = "world") -> torch.Tensor:
         """Images in [-1, 1], (batch, 3, 64, 64), laid out as `layout` says: "world" jitters as
         demo_world.render does, "centred" does not, "pool" mostly keeps near the centre."""
-        size = demo_model.IMAGE_SIZE
+        size = demo_model.CORE_SIZE
         boxes = {
             "world": lambda: demo_world.layout(size, self.rng),
             "centred": lambda: demo_world.layout(size),
             "pool": self._pool_box,
         }[layout]
-        pixels = np.stack([np.asarray(demo_world.paint(scene, size, boxes())) for scene in scenes])
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return demo_model.to_tensor([demo_world.paint(scene, size, boxes()) for scene in scenes])
 
     def _pool_box(self) -> Box:
         """Near the centre, but for a share of the world's full jitter (see POOL_LAYOUT)."""
-        size = demo_model.IMAGE_SIZE
+        size = demo_model.CORE_SIZE
         if self.rng.random() < POOL_LAYOUT["world_share"]:
             return demo_world.layout(size, self.rng)
         side = self.rng.uniform(*POOL_LAYOUT["side"]) * size
@@ -605,7 +608,7 @@ def noise_levels(variant: str, count: int, generator: torch.Generator) -> torch.
     return sigma.float()
 
 
-_IMAGE_TOKENS = (demo_model.IMAGE_SIZE // 8) ** 2  # 16x16 latents, packed 2x2
+_IMAGE_TOKENS = (demo_model.CORE_SIZE // 8) ** 2  # 16x16 latents, packed 2x2
 
 
 def _context_inputs(text: TextInputs, scenes: torch.Tensor) -> dict[str, object]:
@@ -623,7 +626,7 @@ def _context_inputs(text: TextInputs, scenes: torch.Tensor) -> dict[str, object]
 def _image_ids() -> torch.Tensor:
     from diffusers import FluxPipeline
 
-    side = demo_model.IMAGE_SIZE // 8
+    side = demo_model.CORE_SIZE // 8
     return FluxPipeline._prepare_latent_image_ids(1, side, side, torch.device("cpu"), torch.float32)
 
 
@@ -674,13 +677,6 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             averaged.lerp_(current, 1 - decay)
 
 
-def _to_pil(images: torch.Tensor) -> list:
-    from PIL import Image
-
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(p, "RGB") for p in pixels]
-
-
 def _tail_mean(values: list[float], count: int = 100) -> float:
     tail = values[-count:]
     return round(sum(tail) / len(tail), 5) if tail else float("nan")
@@ -699,6 +695,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test")
+    parser.add_argument(
+        "--widen",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="only stage 5, in place, on a model trained before it existed (see demo_widen)",
+    )
     for stage in ("vae", "text", "transformer", "lora"):
         parser.add_argument(
             f"--{stage}-steps", type=int, default=None, help=f"default {getattr(FULL, stage)}"
@@ -730,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
+    if args.widen:
+        demo_widen.widen_folder(args.widen, demo_widen.WidenSettings.for_run(args.seed, quick=args.quick))
+        return 0
     Trainer(settings).run()
     return 0
 

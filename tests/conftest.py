@@ -12,6 +12,7 @@ import base64
 import io
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,19 @@ NO_SERVICES = {
 }
 
 
-@pytest.fixture(scope="session")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    folder = tmp_path_factory.mktemp("server")
-    env = {"FLUX_MODEL_DIR": str(tiny_model_dir), "FLUX_LORA_CACHE_DIR": str(folder / "cache"), **NO_SERVICES}
+@contextmanager
+def serving(model_dir: Path, folder: Path) -> Iterator[CogServer]:
+    """The real server on `model_dir`, ready, with its LoRA cache and log in `folder`."""
+    env = {"FLUX_MODEL_DIR": str(model_dir), "FLUX_LORA_CACHE_DIR": str(folder / "cache"), **NO_SERVICES}
     with CogServer(env=env, log_path=folder / "coglet.log") as cog:
         health = cog.start()
         assert health["status"] == "READY", health
+        yield cog
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    with serving(tiny_model_dir, tmp_path_factory.mktemp("server")) as cog:
         yield cog
 
 

@@ -1,6 +1,6 @@
 """`scripts/train-demo --quick`: every training stage for a few steps, and what it writes loads
-through our own loader like real FLUX and draws 64x64 images (the figures are not the point:
-the weights have barely moved)."""
+through our own loader like real FLUX and draws 256x256 images (the figures are not the point:
+the weights have barely moved); `--widen` does stage 5 alone on a model saved without it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from bench import demo_quality
-from flux_lora import demo_model, demo_world
+from flux_lora import demo_model, demo_widen, demo_world
 from flux_lora.models import ModelSource
 from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
@@ -38,7 +38,7 @@ def test_quick_run_writes_the_flux_layout_small(quick_model: Path):
     assert dev["guidance_embeds"] is True and schnell["guidance_embeds"] is False
     assert demo_model.folder_size(quick_model) < 15_000_000
     record = json.loads((quick_model / demo_model.RECORD_FILE).read_text())
-    assert set(record["stage_seconds"]) >= {"vae", "text", "transformer", "lora"}
+    assert set(record["stage_seconds"]) >= {"vae", "text", "transformer", "lora", "widen"}
     # Training on compressed T5 padding computes what the pipeline's full padding does.
     assert all(entry["context_error"] < 1e-4 for entry in record["context"].values())
     lora = load_file(quick_model / demo_model.LORA_FILE)
@@ -46,17 +46,72 @@ def test_quick_run_writes_the_flux_layout_small(quick_model: Path):
     assert {key.rsplit(".", 2)[-2] for key in lora} == {"lora_A", "lora_B"}
 
 
-def test_quick_model_loads_and_draws_64px(quick_model: Path):
+def test_quick_model_loads_and_draws_256px(quick_model: Path):
     pipelines = FluxPipelines.load(ModelSource(quick_model), torch.device("cpu"))
     prompt = demo_world.all_scenes()[0].prompt
     for variant in ("dev", "schnell"):
         request = GenerationRequest(prompt=prompt, model=variant, num_inference_steps=2)
-        (image,) = pipelines.generate(request, size=(64, 64), seed=1)
-        assert image.size == (64, 64)
+        (image,) = pipelines.generate(request, size=(256, 256), seed=1)
+        assert image.size == (256, 256)
     # Both releases run the same shared components; the latents are 16x16 (64 tokens).
     dev, schnell = pipelines.variant("dev").txt2img, pipelines.variant("schnell").txt2img
     assert dev.vae is schnell.vae and dev.text_encoder_2 is schnell.text_encoder_2
-    assert dev.vae_scale_factor == 4
+    assert dev.vae_scale_factor == 16
+
+
+def test_wide_vae_starts_from_the_core_and_keeps_its_latent_factors(quick_model: Path):
+    from diffusers import AutoencoderKL
+
+    core = demo_model.new_core_vae(seed=0)
+    core.register_to_config(shift_factor=0.1, scaling_factor=1.3)
+    wide = demo_widen.new_wide_vae(core, seed=0)
+    assert (wide.config.shift_factor, wide.config.scaling_factor) == (0.1, 1.3)
+    # The core's innermost encoder level is the wide VAE's, two levels further from the image.
+    assert torch.equal(
+        wide.encoder.down_blocks[4].resnets[0].conv1.weight,
+        core.encoder.down_blocks[2].resnets[0].conv1.weight,
+    )
+    assert torch.equal(
+        wide.decoder.up_blocks[2].resnets[0].conv1.weight, core.decoder.up_blocks[2].resnets[0].conv1.weight
+    )
+    assert torch.equal(
+        wide.decoder.mid_block.attentions[0].to_q.weight, core.decoder.mid_block.attentions[0].to_q.weight
+    )
+    saved = AutoencoderKL.from_pretrained(quick_model / "FLUX.1-schnell" / "vae")
+    assert saved.config.block_out_channels == list(demo_model.VAE["block_out_channels"])
+
+
+def test_widen_alone_replaces_a_saved_core_vae(quick_model: Path, tmp_path: Path):
+    """`--widen` on a model saved before stage 5 existed: both releases get the wide VAE."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(quick_model, model)
+    core = demo_model.new_core_vae(seed=0)
+    core.register_to_config(shift_factor=-0.03, scaling_factor=1.06)
+    demo_model.replace_vae(model, core)
+    subprocess.run(
+        ["./scripts/train-demo", "--quick", "--widen", str(model)], cwd=REPO, check=True, timeout=120
+    )
+    for release in ("FLUX.1-dev", "FLUX.1-schnell"):
+        config = json.loads((model / release / "vae" / "config.json").read_text())
+        assert len(config["block_out_channels"]) == 5
+        assert (config["shift_factor"], config["scaling_factor"]) == (-0.03, 1.06)
+    record = json.loads((model / demo_model.RECORD_FILE).read_text())
+    assert {name: phase["steps"] for name, phase in record["widen"]["phases"].items()} == {
+        "distil": 2,
+        "robust": 2,
+    }
+    assert "widen" in record["stage_seconds"]
+    # A second run refuses: the VAE is wide already.
+    again = subprocess.run(
+        ["./scripts/train-demo", "--quick", "--widen", str(model)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode != 0 and "already widened" in again.stderr
 
 
 def test_quality_bench_runs_on_the_quick_model(quick_model: Path):
