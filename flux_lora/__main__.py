@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         "reference", help="e.g. owner/model, huggingface.co/owner/repo, civitai.com/models/123"
     )
     commands.add_parser(
-        "model-dir", help="print the folder the scripts serve: the weights, else the tiny model (built)"
+        "model-dir",
+        help="print the folder the scripts serve: the weights, else the demo model (or the tiny one)",
     )
     tiny = commands.add_parser("build-tiny", help="build the tiny random FLUX model")
     tiny.add_argument("--output", type=Path, default=None, help="default: weights/tiny")

@@ -1,13 +1,14 @@
 """Train the demo model (`flux_lora.demo_model`) on the synthetic world of `flux_lora.demo_world`.
 
-    ./scripts/train-demo --out weights/demo [--quick] [--seed 0] [--threads 1]
+    ./scripts/train-demo [--out weights/demo] [--quick] [--seed 0] [--threads 1]
 
-The default step counts take about 65 minutes on one CPU core (the record, training.json beside
-the weights, has each stage's time); `--quick` runs every stage for a few steps in seconds.
+The default step counts take about 65 minutes on one CPU core for stages 1 to 4 and about 50 for
+stage 5 (the record, training.json beside the weights, has each stage's time); `--quick` runs
+every stage for a few steps in seconds. The committed model is in `demo/`.
 Results are reproducible for a given seed and thread count (the thread count changes the order
 of floating-point sums).
 
-Four stages, seeded, each logged with its loss and a quick reading by the world's checker:
+Five stages, seeded, each logged with its loss and a quick reading by the world's checker:
 1. VAE: reconstruct rendered scenes, plain and striped (64 px); then encode a pool of renders,
    set shift_factor and scaling_factor from the latents' mean and spread, and freeze it.
 2. Text encoders: a side task, predicting colour, shape and background from CLIP's pooled output
@@ -20,6 +21,8 @@ Four stages, seeded, each logged with its loss and a quick reading by the world'
    weights are an exponential moving average.
 4. A LoRA on the frozen transformer, trained on striped renders under the same prompts: stripes
    at scale 1, none at scale 0 (the base model).
+5. A 5-level VAE that draws the same latents at 256 px (`flux_lora.demo_widen`), saved in place of
+   the 64 px one: the transformer and the LoRA are unchanged.
 The transformer's renders keep near the centre for the most part (POOL_LAYOUT says why).
 
 T5's padding (to 512 tokens for [dev], 256 for [schnell], without an attention mask) encodes to
@@ -691,7 +694,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flux_lora.demo_train", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--out", type=Path, default=Path("weights/demo"), help="model folder to write")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("weights/demo"),
+        help="model folder to write (default weights/demo; the committed one is demo/)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test")

@@ -11,9 +11,14 @@ and the transformer and the LoRA are kept as they are. Two phases, each seeded o
      draws is a sample, not a mean);
    - encoder: the 64 px VAE's posterior mean and log-variance, from the 256 px render.
 2. robust (800 steps): the same, plus, on perturbed latents (a box of another latent pasted in,
-   noise, blends), the 64 px decoder's own output upscaled. Without it the wide decoder met
-   latents no render gives (an inpainted box, above all on black) with colour ripples across the
-   whole picture, up to 57/255 away from the box where the 64 px decoder stayed within 2.5.
+   noise, blends), the 64 px decoder's own output upscaled.
+Phase 2 is there because latents no render gives (an inpainted box, above all on black) made the
+distilled decoder ripple colour across the whole picture: up to 57/255 away from the box where
+the 64 px decoder stayed within 2.5; after phase 2, 25. Two more tries made it worse, measured
+by scripts/demo-quality: a third phase on latents the transformer itself draws (79), and inner
+decoder levels reset to the 64 px ones and frozen, training only the new outer ones (83). The
+outer levels' GroupNorms, one or two channels a group, normalise each channel over the whole
+picture: a likely way for a box to reach every pixel, not yet tested.
 The inner levels start from the 64 px VAE's weights wherever their shapes match (the outer two
 levels are new), and the latent factors (shift, scaling) are the 64 px VAE's.
 
@@ -75,22 +80,22 @@ def new_wide_vae(core, seed: int):
     wide = AutoencoderKL(**demo_model.VAE)
     wide.register_to_config(shift_factor=core.config.shift_factor, scaling_factor=core.config.scaling_factor)
     inherited = inherit(wide, core)
-    log.info("wide VAE: %d of %d tensors start from the 64 px VAE", inherited, len(wide.state_dict()))
+    log.info("wide VAE: %d of %d tensors start from the 64 px VAE", len(inherited), len(wide.state_dict()))
     return wide
 
 
-def inherit(wide, core) -> int:
+def inherit(wide, core) -> set[str]:
     """Copy `core`'s tensors into `wide` where a name, shifted past the new outer encoder levels,
-    has the same shape; returns how many were copied."""
+    has the same shape; returns the names copied."""
     extra = len(wide.config.block_out_channels) - len(core.config.block_out_channels)
     source = core.state_dict()
-    target = wide.state_dict()
-    copied = 0
-    for name, tensor in target.items():
-        core_name = _core_name(name, extra)
-        if core_name in source and source[core_name].shape == tensor.shape:
-            tensor.copy_(source[core_name])
-            copied += 1
+    copied = set()
+    with torch.no_grad():
+        for name, tensor in wide.state_dict().items():
+            core_name = _core_name(name, extra)
+            if core_name in source and source[core_name].shape == tensor.shape:
+                tensor.copy_(source[core_name])
+                copied.add(name)
     return copied
 
 
@@ -116,9 +121,9 @@ class Widener:
         """Both phases from a new wide VAE; returns it and the stage's record."""
         settings = self.settings
         wide = new_wide_vae(self.core, settings.seed)
-        phases = {"distil": self.phase(wide, "distil", settings.steps, settings.lr, robust=False)}
-        # As saved and loaded again (float16), so a second phase run on a saved model (as the
-        # committed one was made) trains from the same weights.
+        phases = {"distil": self.phase(wide, "distil", settings.steps, settings.lr)}
+        # As saved and loaded again (float16), so phase 2 run on a saved model (as the committed
+        # one was made) trains from the same weights.
         wide.to(torch.float16).float()
         phases["robust"] = self.phase(wide, "robust", settings.robust_steps, settings.robust_lr, robust=True)
         wide.eval().requires_grad_(False)
@@ -131,9 +136,9 @@ class Widener:
         log.info("wide VAE: %s", record)
         return wide, record
 
-    def phase(self, wide, name: str, steps: int, lr: float, *, robust: bool) -> dict:
-        """Train `wide` for `steps`: distillation, plus with `robust` the core decoder's own
-        behaviour on perturbed latents (see `perturb`). Each phase draws from its own seeded
+    def phase(self, wide, name: str, steps: int, lr: float, *, robust: bool = False) -> dict:
+        """Train `wide` for `steps`: distillation, plus with `robust` the 64 px decoder's own
+        output, upscaled, on perturbed latents (`perturb`). Each phase draws from its own seeded
         streams, so it does not depend on what an earlier phase drew."""
         seed = self.settings.seed + list(PHASES).index(name)
         self.rng = np.random.default_rng(seed)
