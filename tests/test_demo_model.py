@@ -5,6 +5,9 @@ Few scenes and few steps keep them fast; bench/demo_quality.py measures every sc
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +20,10 @@ from bench import demo_quality
 from flux_lora import demo_model, demo_world, models
 from flux_lora.demo_world import Scene
 from flux_lora.server import CogServer, bytes_to_data_uri
-from tests.conftest import image_data_uri, open_image, output_images, predict_ok, serving
+from tests.conftest import NO_SERVICES, image_data_uri, open_image, output_images, predict_ok, serving
 
 DEMO = models.DEMO_MODEL_DIR
+REPO = models.REPO_ROOT
 SIZE = demo_model.IMAGE_SIZE
 BASE = {
     "aspect_ratio": "custom",
@@ -141,6 +145,32 @@ def test_scripts_serve_the_demo_model_without_weights(
     # Without the demo model (a checkout that dropped it), the tiny random one, also said.
     assert models.model_dir_for_scripts(demo=tmp_path / "no-demo") == models.TINY_MODEL_DIR
     assert "tiny random model" in capsys.readouterr().err
+
+
+def test_the_readme_demo_command_draws_what_it_asks(tmp_path: Path):
+    """The README's first command, as written (plus a seed: a test must not be a lottery), on a
+    checkout without FLUX weights."""
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("./scripts/predict "))
+    env = {key: value for key, value in os.environ.items() if key != "FLUX_MODEL_DIR"}
+    env.update(NO_SERVICES, FLUX_LORA_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run(
+        [*shlex.split(command), "-i", "seed=1", "-o", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "trained demo model" in done.stderr
+    prompt = next(arg.split("=", 1)[1] for arg in shlex.split(command) if arg.startswith("prompt="))
+    outputs = sorted(tmp_path.glob("out-*.webp"))
+    assert len(outputs) == 2
+    for path in outputs:
+        assert demo_world.judge(
+            open_image(path.read_bytes()).convert("RGB"), demo_world.parse_prompt(prompt)
+        ).all_ok
 
 
 def test_the_committed_record_meets_the_issue_figures():
