@@ -76,7 +76,8 @@ def parse_lora_ref(
             f"{input_name}: the {scheme[1].lower()}: scheme is not supported. Use an http(s) URL, a data: "
             f"URL, or {EXAMPLES}."
         )
-    if text.startswith(("/", "./", "../", "~")):
+    # A relative path reads like a Replicate "owner/model": for COG_WEIGHTS a file that exists wins.
+    if text.startswith(("/", "./", "../", "~")) or (allow_local and not scheme and os.path.isfile(text)):
         if allow_local:
             return LoraRef("local", text, text, f"local:{os.path.abspath(os.path.expanduser(text))}")
         raise InputError(

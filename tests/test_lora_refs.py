@@ -115,9 +115,20 @@ def test_refusals_name_the_input(text, message):
     assert message in str(caught.value)
 
 
-def test_local_paths_only_for_cog_weights():
+def test_local_paths_only_for_cog_weights(tmp_path, monkeypatch):
     ref = parse_lora_ref("/models/lora.tar", "COG_WEIGHTS", ENDPOINTS, allow_local=True)
     assert ref.kind == "local" and ref.url == "/models/lora.tar"
+    # "demo/x.safetensors" has the shape of a Replicate "owner/model": the existing file wins,
+    # for COG_WEIGHTS only; a request input naming it is still a Replicate model.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "x.safetensors").write_bytes(b"")
+    assert parse_lora_ref("demo/x.safetensors", "COG_WEIGHTS", ENDPOINTS, allow_local=True).kind == "local"
+    assert parse_lora_ref("demo/x.safetensors", "extra_lora", ENDPOINTS).kind == "replicate"
+    assert (
+        parse_lora_ref("demo/absent.safetensors", "COG_WEIGHTS", ENDPOINTS, allow_local=True).kind
+        == "replicate"
+    )
 
 
 def test_secrets_are_redacted_and_left_out_of_identities():
