@@ -49,9 +49,7 @@ log = logging.getLogger(__name__)
 WIDE_SIZE = 256
 SCALE = WIDE_SIZE // 64  # 256 px renders of the 64 px layout
 LOGVAR_WEIGHT = 0.01  # the posterior's spread matters far less than its mean
-
-
-PHASES = ("distil", "robust")
+PHASES = ("distil", "robust")  # each phase's seed is the stage's plus its index here
 
 
 @dataclass(frozen=True)
@@ -80,22 +78,22 @@ def new_wide_vae(core, seed: int):
     wide = AutoencoderKL(**demo_model.VAE)
     wide.register_to_config(shift_factor=core.config.shift_factor, scaling_factor=core.config.scaling_factor)
     inherited = inherit(wide, core)
-    log.info("wide VAE: %d of %d tensors start from the 64 px VAE", len(inherited), len(wide.state_dict()))
+    log.info("wide VAE: %d of %d tensors start from the 64 px VAE", inherited, len(wide.state_dict()))
     return wide
 
 
-def inherit(wide, core) -> set[str]:
+def inherit(wide, core) -> int:
     """Copy `core`'s tensors into `wide` where a name, shifted past the new outer encoder levels,
-    has the same shape; returns the names copied."""
+    has the same shape; returns how many were copied."""
     extra = len(wide.config.block_out_channels) - len(core.config.block_out_channels)
     source = core.state_dict()
-    copied = set()
+    copied = 0
     with torch.no_grad():
         for name, tensor in wide.state_dict().items():
             core_name = _core_name(name, extra)
             if core_name in source and source[core_name].shape == tensor.shape:
                 tensor.copy_(source[core_name])
-                copied.add(name)
+                copied += 1
     return copied
 
 
