@@ -110,7 +110,9 @@ def img2img(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
     }
 
 
-def inpaint(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
+def inpaint_regions() -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    """The inpaint mask (a box over the centred shape), its pixels, and the pixels BOX_MARGIN
+    clear of it: where the rest of the picture is measured."""
     box = demo_world.layout(SIZE)  # the centred shape's box
     top, left, bottom, right = (
         round(v) for v in (box.top, box.left, box.top + box.height, box.left + box.width)
@@ -122,6 +124,11 @@ def inpaint(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
         False
     )
     mask = Image.fromarray(np.where(inside, 255, 0).astype(np.uint8), "L").convert("RGB")
+    return mask, inside, away
+
+
+def inpaint(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
+    mask, inside, away = inpaint_regions()
     vae = pipelines.variant("dev").txt2img.vae
     changes, judged, errors, floors, rest_floors = [], [], [], [], []
     for index, scene in enumerate(scenes):

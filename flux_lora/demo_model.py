@@ -253,6 +253,19 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(p, "RGB") for p in pixels]
 
 
+def reconstruction_reading(decoded: torch.Tensor, originals: torch.Tensor, scenes) -> dict[str, float]:
+    """The world checker's reading of a VAE's output for `scenes` (plain or striped): the share
+    all right, the share whose stripes are as the scene says, and the mean error in 0..255."""
+    verdicts = [demo_world.judge(image, scene) for image, scene in zip(to_pil(decoded), scenes, strict=True)]
+    return {
+        "all_ok": round(float(np.mean([v.all_ok for v in verdicts])), 4),
+        "stripes_kept": round(
+            float(np.mean([v.striped == s.striped for v, s in zip(verdicts, scenes, strict=True)])), 4
+        ),
+        "mean_abs_error": round(float((decoded - originals).abs().mean() * 127.5), 2),
+    }
+
+
 def folder_size(root: Path) -> int:
     return sum(path.stat().st_size for path in Path(root).rglob("*") if path.is_file())
 

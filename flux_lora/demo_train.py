@@ -216,13 +216,7 @@ class Trainer:
         images = self._render(scenes, layout="centred")
         with torch.no_grad():
             decoded = vae.decode(vae.encode(images).latent_dist.mode()).sample
-        restored = demo_model.to_pil(decoded)
-        verdicts = [demo_world.judge(image, scene) for image, scene in zip(restored, scenes, strict=True)]
-        return {
-            "all_ok": _mean(v.all_ok for v in verdicts),
-            "stripes_kept": _mean(v.striped == s.striped for v, s in zip(verdicts, scenes, strict=True)),
-            "mean_abs_error": round(float((decoded - images).abs().mean() * 127.5), 2),  # 0..255
-        }
+        return demo_model.reconstruction_reading(decoded, images, scenes)
 
     def encode_pool(self) -> Pool:
         """Renders of every scene, plain and striped (POOL_LAYOUT), encoded; sets the VAE's factors."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from bench import demo_quality
 from flux_lora import demo_model, demo_world, models
@@ -90,18 +90,7 @@ def test_inpaint_repaints_the_mask_and_keeps_the_rest(demo_server: CogServer):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(DEMO / "FLUX.1-dev" / "vae", torch_dtype=torch.float32)
-    box = demo_world.layout(SIZE)
-    mask = Image.new("L", (SIZE, SIZE), 0)
-    ImageDraw.Draw(mask).rectangle(
-        (box.left, box.top, box.left + box.width - 1, box.top + box.height - 1), fill=255
-    )
-    inside = np.asarray(mask) > 0
-    away = np.ones_like(inside)
-    margin = demo_quality.BOX_MARGIN
-    top, left, bottom, right = (
-        round(v) for v in (box.top, box.left, box.top + box.height, box.left + box.width)
-    )
-    away[top - margin : bottom + margin, left - margin : right + margin] = False
+    mask, inside, away = demo_quality.inpaint_regions()
     # The schema's default strength keeps a fifth of the old picture in the box (its colour
     # blends in); at full strength the box is the new prompt's alone.
     for index, (scene, strength) in enumerate(((SCENES[0], 1.0), (SCENES[1], 0.8))):
