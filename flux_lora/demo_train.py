@@ -25,11 +25,8 @@ Five stages, seeded, each logged with its loss and a quick reading by the world'
    the 64 px one: the transformer and the LoRA are unchanged.
 The transformer's renders keep near the centre for the most part (POOL_LAYOUT says why).
 
-T5's padding (to 512 tokens for [dev], 256 for [schnell], without an attention mask) encodes to
-runs of identical vectors (see demo_model); identical text tokens stay identical through every
-FLUX block (text tokens all sit at position 0), so training keeps one token per run and adds
-log(run length) to the attention scores on it: the same function as the pipeline's 512 tokens,
-at a tenth of the cost. `context_error` in the record measures the difference (float rounding).
+`flux_lora.demo_flow` feeds the transformer what the pipelines feed it, T5's long padding
+compressed to runs of identical tokens.
 """
 
 from __future__ import annotations
@@ -50,7 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flux_lora import demo_model, demo_widen, demo_world
+from flux_lora import demo_flow, demo_model, demo_widen, demo_world
+from flux_lora.demo_flow import TextInputs
 from flux_lora.demo_world import BACKGROUNDS, COLOURS, SHAPES, Box, Scene
 from flux_lora.pipeline import MAX_SEQUENCE_LENGTH
 
@@ -59,11 +57,10 @@ log = logging.getLogger(__name__)
 VARIANTS = ("dev", "schnell")
 GUIDANCE_RANGE = (1.0, 5.0)  # [dev]'s guidance input; the server's default is 3
 EVAL_GUIDANCE = 3.5
-EVAL_STEPS = {"dev": 28, "schnell": 4}
+EVAL_STEPS = {"dev": 28, "schnell": demo_flow.SCHNELL_STEPS}
 SCHNELL_EVERY = 4  # one training step in this many trains the [schnell] twin
 KL_WEIGHT = 1e-4  # per latent element, against the per-pixel squared error
 EMA_DECAY = 0.999
-RUN_TOLERANCE = 1e-4  # T5 outputs closer than this (max abs) count as the same vector
 # Where the transformer's (and the LoRA's) training renders put the shape. Drawing a shape at any
 # place and size, as demo_world.layout jitters them, takes this small model far more steps than
 # an hour of CPU allows, while colour and background come quickly; so most renders keep near the
@@ -110,15 +107,6 @@ class Pool:
     std: torch.Tensor
     scene: torch.Tensor
     striped: torch.Tensor
-
-
-@dataclass
-class TextInputs:
-    """Every scene's prompt, encoded as one pipeline encodes it, T5's runs compressed."""
-
-    context: torch.Tensor  # (scenes, runs, T5 width)
-    log_runs: torch.Tensor  # (scenes, runs): log of each run's length, the attention bias
-    pooled: torch.Tensor  # (scenes, CLIP width)
 
 
 class Trainer:
@@ -332,7 +320,7 @@ class Trainer:
         """Every prompt through the pipeline's own encode_prompt, for each release's length."""
         from diffusers import FluxPipeline
 
-        pipe = FluxPipeline(**{**self.components, "scheduler": _scheduler("dev")})
+        pipe = FluxPipeline(**{**self.components, "scheduler": demo_flow.new_scheduler("dev")})
         prompts = [scene.prompt for scene in self.scenes]
         texts = {}
         with torch.no_grad():
@@ -340,7 +328,7 @@ class Trainer:
                 embeds, pooled, _ = pipe.encode_prompt(
                     prompts, prompt_2=None, max_sequence_length=MAX_SEQUENCE_LENGTH[variant]
                 )
-                context, log_runs = compress_runs(embeds)
+                context, log_runs = demo_flow.compress_runs(embeds)
                 texts[variant] = TextInputs(context, log_runs, pooled)
                 error = self.context_error(embeds[:2], texts[variant], variant)
                 self.record.setdefault("context", {})[variant] = {
@@ -363,14 +351,14 @@ class Trainer:
             pooled_projections=text.pooled[:count],
             timestep=torch.full((count,), 0.5),
             guidance=torch.full((count,), EVAL_GUIDANCE) if variant == "dev" else None,
-            img_ids=_image_ids(),
+            img_ids=demo_flow.image_ids(),
             return_dict=False,
         )
         with torch.no_grad():
             full = transformer(
                 encoder_hidden_states=embeds, txt_ids=torch.zeros(embeds.shape[1], 3), **inputs
             )
-            runs = transformer(**inputs, **_context_inputs(text, torch.arange(count)))
+            runs = transformer(**inputs, **demo_flow.context_inputs(text, torch.arange(count)))
         return float((full[0] - runs[0]).abs().max())
 
     # -- stage 3: the transformer --------------------------------------------------------------
@@ -406,7 +394,7 @@ class Trainer:
         chosen = indices[torch.randint(len(indices), (batch,), generator=self.generator)]
         x0 = self._latents(pool, chosen)
         noise = torch.randn(x0.shape, generator=self.generator)
-        sigma = noise_levels(variant, batch, self.generator)
+        sigma = demo_flow.noise_levels(variant, batch, self.generator)
         noisy = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         guidance = None
         if variant == "dev":
@@ -417,9 +405,9 @@ class Trainer:
             pooled_projections=text.pooled[pool.scene[chosen]],
             timestep=sigma,  # the pipeline passes t / 1000 = sigma
             guidance=guidance,  # and the raw guidance scale
-            img_ids=_image_ids(),
+            img_ids=demo_flow.image_ids(),
             return_dict=False,
-            **_context_inputs(text, pool.scene[chosen]),
+            **demo_flow.context_inputs(text, pool.scene[chosen]),
         )[0]
         return F.mse_loss(prediction, noise - x0)
 
@@ -498,7 +486,7 @@ class Trainer:
         if variant == "schnell":
             transformer = demo_model.schnell_twin(transformer)
         pipe = FluxPipeline(
-            **{**self.components, "scheduler": _scheduler(variant), "transformer": transformer}
+            **{**self.components, "scheduler": demo_flow.new_scheduler(variant), "transformer": transformer}
         )
         pipe.set_progress_bar_config(disable=True)
         kwargs = {"guidance_scale": EVAL_GUIDANCE} if variant == "dev" else {}
@@ -555,84 +543,6 @@ LORA_TARGETS = (
     r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)"
 )
 _CLASSES = len(SHAPES) + len(COLOURS) + len(BACKGROUNDS)
-
-
-def compress_runs(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompts, tokens, width) -> one vector per run of equal consecutive tokens, and the log of
-    each run's length; prompts with fewer runs are filled with runs of weight ~0."""
-    contexts, lengths = [], []
-    for tokens in embeds:
-        starts = torch.ones(len(tokens), dtype=torch.bool)
-        starts[1:] = (tokens[1:] - tokens[:-1]).abs().amax(-1) > RUN_TOLERANCE
-        run = torch.cumsum(starts, 0) - 1
-        contexts.append(tokens[starts])
-        lengths.append(torch.bincount(run).float())
-    longest = max(len(c) for c in contexts)
-    context = torch.zeros(len(contexts), longest, embeds.shape[-1])
-    log_runs = torch.full((len(contexts), longest), -80.0)  # exp(-80): no weight at all
-    for index, (tokens, length) in enumerate(zip(contexts, lengths, strict=True)):
-        context[index, : len(tokens)] = tokens
-        log_runs[index, : len(tokens)] = length.log()
-    return context, log_runs
-
-
-def noise_levels(variant: str, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Training noise levels: logit-normal (a tenth uniform, for the ends), through the release's
-    shift for 64 image tokens; half of [schnell]'s on its own 4-step grid."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    scheduler = _scheduler(variant)
-    config = scheduler.config
-    u = torch.sigmoid(torch.randn(count, generator=generator))
-    uniform = torch.rand(count, generator=generator) < 0.1
-    u = torch.where(uniform, torch.rand(count, generator=generator), u).clamp(1e-4, 1.0)
-    if config.use_dynamic_shifting:
-        mu = calculate_shift(
-            _IMAGE_TOKENS,
-            config.base_image_seq_len,
-            config.max_image_seq_len,
-            config.base_shift,
-            config.max_shift,
-        )
-        sigma = scheduler.time_shift(mu, 1.0, u)
-    else:
-        sigma = config.shift * u / (1 + (config.shift - 1) * u)
-    if variant == "schnell":
-        steps = EVAL_STEPS["schnell"]
-        grid = torch.linspace(1.0, 1 / steps, steps)
-        on_grid = torch.rand(count, generator=generator) < 0.5
-        sigma = torch.where(on_grid, grid[torch.randint(steps, (count,), generator=generator)], sigma)
-    return sigma.float()
-
-
-_IMAGE_TOKENS = (demo_model.CORE_SIZE // 8) ** 2  # 16x16 latents, packed 2x2
-
-
-def _context_inputs(text: TextInputs, scenes: torch.Tensor) -> dict[str, object]:
-    """The compressed context and its attention bias: log(run length) on each text key, 0 on the
-    image keys (the processor passes `attention_mask` to scaled_dot_product_attention)."""
-    log_runs = text.log_runs[scenes]
-    bias = torch.cat([log_runs, torch.zeros(len(scenes), _IMAGE_TOKENS)], dim=1)
-    return dict(
-        encoder_hidden_states=text.context[scenes],
-        txt_ids=torch.zeros(text.context.shape[1], 3),
-        joint_attention_kwargs={"attention_mask": bias[:, None, None, :]},
-    )
-
-
-def _image_ids() -> torch.Tensor:
-    from diffusers import FluxPipeline
-
-    side = demo_model.CORE_SIZE // 8
-    return FluxPipeline._prepare_latent_image_ids(1, side, side, torch.device("cpu"), torch.float32)
-
-
-def _scheduler(variant: str):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from flux_lora import tiny
-
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **tiny.SCHEDULERS[variant])
 
 
 def _attribute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
