@@ -12,8 +12,9 @@ for the committed model), as the server would run it:
   with the same background: the box's pixels change (mean change, and the share the checker reads
   as the new scene), while the pixels away from the box (BOX_MARGIN px out) stay within the VAE's
   round-trip error on that image (the pipeline blends the image's posterior sample back outside
-  the mask, so a round trip is the floor; the decoder's mid-block attention carries a trace of the
-  repainted box everywhere, so the same pixels' own round-trip error is reported beside it);
+  the mask, so a round trip is the floor; the decoder still carries a trace of the repainted box
+  past it, through its attention and GroupNorm statistics, so the same pixels' own round-trip
+  error is reported beside it);
 - the LoRA (stripes-lora.safetensors) through our AdapterSet: striped share at scale 1 and 0.
 Writes a JSON record (default: quality.json beside the model) and prints it.
 """

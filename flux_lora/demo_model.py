@@ -61,12 +61,16 @@ CORE_VAE = dict(
     use_quant_conv=False,
     use_post_quant_conv=False,
 )
-# Two thin outer levels around the core's three (whose weights they start from).
+# Two thin outer levels around the core's three (whose weights they start from). Two groups a
+# GroupNorm, so the outer levels normalise 4 and 8 channels together, as FLUX's own VAE does at
+# its outer two. With the core's 8 groups each thin channel was normalised alone over the whole
+# picture: an inpainted box's statistics then reached every pixel (demo_widen has the figures).
 VAE = dict(
     CORE_VAE,
     down_block_types=("DownEncoderBlock2D",) * 5,
     up_block_types=("UpDecoderBlock2D",) * 5,
     block_out_channels=(8, 16, 32, 64, 64),
+    norm_num_groups=2,
     sample_size=IMAGE_SIZE,
 )
 CLIP = dict(

@@ -12,16 +12,16 @@ and the transformer and the LoRA are kept as they are. Two phases, each seeded o
    - encoder: the 64 px VAE's posterior mean and log-variance, from the 256 px render.
 2. robust (800 steps): the same, plus, on perturbed latents (a box of another latent pasted in,
    noise, blends), the 64 px decoder's own output upscaled.
-Phase 2 is there because latents no render gives (an inpainted box, above all on black) made the
-distilled decoder ripple colour across the whole picture: up to 57/255 away from the box where
-the 64 px decoder stayed within 2.5; after phase 2, 25. Two more tries made it worse, measured
-by scripts/demo-quality: a third phase on latents the transformer itself draws (79), and inner
-decoder levels reset to the 64 px ones and frozen, training only the new outer ones (83). The
-cause, measured on the six worst scenes: the outer levels' GroupNorms (one or two channels a
-group) normalise each channel over the whole picture, so the box's statistics reach every pixel.
-With their statistics taken from a decode of the clean picture instead, the error away from the
-box fell from 8 to 25 to between 2 and 5 (one scene: 10). More channels a group at the outer
-levels is the next thing to try.
+Its GroupNorms take two groups (demo_model.VAE), so the outer levels normalise 4 and 8 channels
+together. The first version kept the 64 px VAE's 8 groups, one or two channels a group at the
+outer levels: each channel was normalised alone over the whole picture, so an inpainted box's
+statistics reached every pixel, and colour rippled across pictures (most on black). Away from the
+box it drew up to 57/255 after phase 1 and 25 after phase 2 (which was added for it), where the
+64 px decoder stayed within 2.5; with the box's statistics swapped for a clean decode's, 2 to 5.
+Two other tries made it worse (a phase on latents the transformer itself draws, and the inner
+levels frozen at the 64 px weights). With two groups (or one) the same two phases give a round
+trip of 2.5/255 against 7.3, and an inpainted picture's rest stays within about 2/255 of the input
+(scripts/demo-quality has the figures; the README's table).
 The inner levels start from the 64 px VAE's weights wherever their shapes match (the outer two
 levels are new), and the latent factors (shift, scaling) are the 64 px VAE's.
 

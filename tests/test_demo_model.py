@@ -92,8 +92,16 @@ def test_inpaint_repaints_the_mask_and_keeps_the_rest(demo_server: CogServer):
     vae = AutoencoderKL.from_pretrained(DEMO / "FLUX.1-dev" / "vae", torch_dtype=torch.float32)
     mask, inside, away = demo_quality.inpaint_regions()
     # The schema's default strength keeps a fifth of the old picture in the box (its colour
-    # blends in); at full strength the box is the new prompt's alone.
-    for index, (scene, strength) in enumerate(((SCENES[0], 1.0), (SCENES[1], 0.8))):
+    # blends in); at full strength the box is the new prompt's alone. The scenes on black are two
+    # where the first 256 px VAE (a GroupNorm group for each outer channel) spread the box's
+    # colour over the picture: 4.3 and 8.9 of 255 away from the box, against round trips of 3.6
+    # and 3.9; the present one stays under 1.
+    cases = (
+        (Scene("triangle", "yellow", "black"), 1.0),
+        (Scene("cross", "blue", "black"), 0.8),
+        (SCENES[0], 1.0),
+    )
+    for index, (scene, strength) in enumerate(cases):
         source = demo_world.render(scene, SIZE)
         target = other(scene)
         image = draw(
@@ -170,8 +178,11 @@ def test_the_committed_record_meets_the_issue_figures():
     assert all(record["txt2img"][model]["all_ok"] >= 0.8 for model in ("dev", "schnell"))
     assert record["img2img"]["overlap_min"] >= 0.85
     assert record["inpaint"]["share_changed_over_20"] == 1.0
-    # Not met yet (the README's table): the rest of the picture stays within the VAE's round-trip
-    # error for about two scenes in three; the live test above checks two that do.
+    # The rest of the picture within the VAE's round-trip error: 43 scenes of 44, the other
+    # 0.2/255 past it (the README's table).
+    inpaint = record["inpaint"]
+    assert inpaint["share_rest_within_round_trip"] >= 0.95
+    assert inpaint["rest_error_mean"] < inpaint["vae_round_trip_error_mean"]
     for model in ("dev", "schnell"):
         assert record["lora"][model] == {"striped_at_scale_1": 1.0, "striped_at_scale_0": 0.0}
     assert demo_model.folder_size(DEMO) < 15_000_000
