@@ -81,23 +81,24 @@ def noise_levels(variant: str, count: int, generator: torch.Generator) -> torch.
     return sigma.float()
 
 
-def context_inputs(text: TextInputs, scenes: torch.Tensor) -> dict[str, object]:
-    """The compressed context and its attention bias: log(run length) on each text key, 0 on the
-    image keys (the processor passes `attention_mask` to scaled_dot_product_attention)."""
+def context_inputs(text: TextInputs, scenes: torch.Tensor, device: torch.device) -> dict[str, object]:
+    """The compressed context of `scenes` (indices into `text`, kept on the CPU) and its attention
+    bias, on `device`: log(run length) on each text key, 0 on the image keys (the processor
+    passes `attention_mask` to scaled_dot_product_attention)."""
     log_runs = text.log_runs[scenes]
     bias = torch.cat([log_runs, torch.zeros(len(scenes), IMAGE_TOKENS)], dim=1)
     return dict(
-        encoder_hidden_states=text.context[scenes],
-        txt_ids=torch.zeros(text.context.shape[1], 3),
-        joint_attention_kwargs={"attention_mask": bias[:, None, None, :]},
+        encoder_hidden_states=text.context[scenes].to(device),
+        txt_ids=torch.zeros(text.context.shape[1], 3, device=device),
+        joint_attention_kwargs={"attention_mask": bias[:, None, None, :].to(device)},
     )
 
 
-def image_ids() -> torch.Tensor:
+def image_ids(device: torch.device) -> torch.Tensor:
     from diffusers import FluxPipeline
 
     side = demo_model.CORE_SIZE // 8
-    return FluxPipeline._prepare_latent_image_ids(1, side, side, torch.device("cpu"), torch.float32)
+    return FluxPipeline._prepare_latent_image_ids(1, side, side, device, torch.float32)
 
 
 def new_scheduler(variant: str):

@@ -253,7 +253,7 @@ def to_tensor(images) -> torch.Tensor:
 def to_pil(images: torch.Tensor) -> list:
     from PIL import Image
 
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(p, "RGB") for p in pixels]
 
 

@@ -1,12 +1,14 @@
 """Train the demo model (`flux_lora.demo_model`) on the synthetic world of `flux_lora.demo_world`.
 
-    ./scripts/train-demo [--out weights/demo] [--quick] [--seed 0] [--threads 1]
+    ./scripts/train-demo [--out weights/demo] [--quick] [--seed 0] [--threads 1] [--device cpu]
 
 The default step counts take about 65 minutes on one CPU core for stages 1 to 4 and about 50 for
 stage 5 (the record, training.json beside the weights, has each stage's time); `--quick` runs
 every stage for a few steps in seconds. The committed model is in `demo/`.
-Results are reproducible for a given seed and thread count (the thread count changes the order
-of floating-point sums).
+Results are reproducible for a given seed, thread count and device (the thread count changes the
+order of floating-point sums). `--device cuda` trains the models on a GPU; the data (renders,
+latent pool, encoded prompts) and every random draw stay on the CPU, so the draws are the same on
+any device (the arithmetic is not, so neither are the weights).
 
 Five stages, seeded, each logged with its loss and a quick reading by the world's checker:
 1. VAE: reconstruct rendered scenes, plain and striped (64 px); then encode a pool of renders,
@@ -97,6 +99,7 @@ class Settings:
     lora_rank: int = 8
     lora_lr: float = 2e-3
     quick: bool = False
+    device: str = "cpu"  # where the models train; the data and every random draw stay on the CPU
 
 
 @dataclass
@@ -115,6 +118,7 @@ class Trainer:
         self.scenes = demo_world.all_scenes()
         self.rng = np.random.default_rng(settings.seed)
         self.generator = torch.Generator().manual_seed(settings.seed)
+        self.device = torch.device(settings.device)
         self.record: dict[str, object] = {
             "settings": {**dataclasses.asdict(settings), "out": str(settings.out)},
             "command": " ".join(["python -m flux_lora.demo_train", *sys.argv[1:]]),
@@ -146,6 +150,8 @@ class Trainer:
             "t5": demo_model.parameter_count([t5]),
         }
         log.info("parameters: %s", self.record["parameters"])
+        for module in (vae, clip, t5, dev):
+            module.to(self.device)
 
         self._stage("vae", self.train_vae)
         pool = self._stage("latents", self.encode_pool)
@@ -155,9 +161,14 @@ class Trainer:
         lora = self._stage("lora", lambda: self.train_lora(ema, pool, texts))
         # The 64 px VAE as saved and loaded again (float16), as `--widen` on a saved model sees it.
         core = copy.deepcopy(vae).to(torch.float16).float()
-        widener = demo_widen.Widener(core, demo_widen.WidenSettings.for_run(seed, quick=self.settings.quick))
+        widener = demo_widen.Widener(
+            core, demo_widen.WidenSettings.for_run(seed, quick=self.settings.quick), self.device
+        )
         wide, self.record["widen"] = self._stage("widen", widener.train)
         components = {**self.components, "transformer": ema, "vae": wide}
+        for module in components.values():  # saved from the CPU, whatever trained them
+            if isinstance(module, torch.nn.Module):
+                module.to("cpu")
         self.record["minutes"] = round((time.perf_counter() - self.started) / 60, 2)
         root = demo_model.save(self.settings.out, components, demo_model.schnell_twin(ema), lora, self.record)
         size = demo_model.folder_size(root)
@@ -185,7 +196,7 @@ class Trainer:
         losses = []
         for step in range(steps):
             scenes = [self._random_scene(striped=None) for _ in range(self.settings.batch)]
-            images = self._render(scenes)
+            images = self._render(scenes).to(self.device)
             posterior = vae.encode(images).latent_dist
             decoded = vae.decode(posterior.sample(generator=self.generator)).sample
             kl = posterior.kl().mean() / posterior.mean[0].numel()
@@ -201,7 +212,7 @@ class Trainer:
         """The checker's reading of every scene, plain and striped, after an encode-decode."""
         vae = self.components["vae"]
         scenes = self.scenes + demo_world.all_scenes(striped=True)
-        images = self._render(scenes, layout="centred")
+        images = self._render(scenes, layout="centred").to(self.device)
         with torch.no_grad():
             decoded = vae.decode(vae.encode(images).latent_dist.mode()).sample
         return demo_model.reconstruction_reading(decoded, images, scenes)
@@ -215,9 +226,9 @@ class Trainer:
             for start in range(0, len(items), 64):
                 chunk = items[start : start + 64]
                 scenes = [dataclasses.replace(self.scenes[i], striped=s) for i, s in chunk]
-                posterior = vae.encode(self._render(scenes, layout="pool")).latent_dist
-                means.append(posterior.mean)
-                stds.append(posterior.std)
+                posterior = vae.encode(self._render(scenes, layout="pool").to(self.device)).latent_dist
+                means.append(posterior.mean.cpu())
+                stds.append(posterior.std.cpu())
         pool = Pool(
             mean=torch.cat(means),
             std=torch.cat(stds),
@@ -249,7 +260,8 @@ class Trainer:
                     list(BACKGROUNDS).index(s.background),
                 ]
                 for s in self.scenes
-            ]
+            ],
+            device=self.device,
         )
         clip_ids, t5_ids = self._token_ids()
         heads = torch.nn.ModuleDict(
@@ -257,7 +269,7 @@ class Trainer:
                 "clip": torch.nn.Linear(demo_model.CLIP_WIDTH, _CLASSES),
                 "t5": torch.nn.Linear(demo_model.T5_WIDTH, _CLASSES),
             }
-        )
+        ).to(self.device)
         parameters = [*clip.parameters(), *t5.parameters(), *heads.parameters()]
         optimizer = torch.optim.AdamW(parameters, lr=2e-3, weight_decay=0.0)
         schedule = _cosine(optimizer, steps, warmup=min(20, steps // 10))
@@ -269,6 +281,7 @@ class Trainer:
             pooled = clip(clip_ids).pooler_output
             # T5 at 512 tokens costs most: a batch of the prompts each step.
             some = torch.randperm(len(self.scenes), generator=self.generator)[: self.settings.batch]
+            some = some.to(self.device)
             tokens = t5(t5_ids[variant][some]).last_hidden_state
             loss = _attribute_loss(heads["clip"](pooled), labels)
             t5_logits = self._token_logits(heads["t5"], tokens, t5_ids[variant][some])
@@ -298,7 +311,7 @@ class Trainer:
             max_length=clip_tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids
+        ).input_ids.to(self.device)
         t5_ids = {
             variant: t5_tokenizer(
                 prompts,
@@ -306,7 +319,7 @@ class Trainer:
                 max_length=MAX_SEQUENCE_LENGTH[variant],
                 truncation=True,
                 return_tensors="pt",
-            ).input_ids
+            ).input_ids.to(self.device)
             for variant in VARIANTS
         }
         return clip_ids, t5_ids
@@ -328,8 +341,8 @@ class Trainer:
                 embeds, pooled, _ = pipe.encode_prompt(
                     prompts, prompt_2=None, max_sequence_length=MAX_SEQUENCE_LENGTH[variant]
                 )
-                context, log_runs = demo_flow.compress_runs(embeds)
-                texts[variant] = TextInputs(context, log_runs, pooled)
+                context, log_runs = demo_flow.compress_runs(embeds.cpu())
+                texts[variant] = TextInputs(context, log_runs, pooled.cpu())
                 error = self.context_error(embeds[:2], texts[variant], variant)
                 self.record.setdefault("context", {})[variant] = {
                     "tokens": embeds.shape[1],
@@ -345,20 +358,21 @@ class Trainer:
         if variant == "schnell":
             transformer = demo_model.schnell_twin(transformer)
         count = embeds.shape[0]
-        noisy = torch.randn(count, 64, 64, generator=self.generator)
+        device = self.device
+        noisy = torch.randn(count, 64, 64, generator=self.generator).to(device)
         inputs = dict(
             hidden_states=noisy,
-            pooled_projections=text.pooled[:count],
-            timestep=torch.full((count,), 0.5),
-            guidance=torch.full((count,), EVAL_GUIDANCE) if variant == "dev" else None,
-            img_ids=demo_flow.image_ids(),
+            pooled_projections=text.pooled[:count].to(device),
+            timestep=torch.full((count,), 0.5, device=device),
+            guidance=torch.full((count,), EVAL_GUIDANCE, device=device) if variant == "dev" else None,
+            img_ids=demo_flow.image_ids(device),
             return_dict=False,
         )
         with torch.no_grad():
             full = transformer(
-                encoder_hidden_states=embeds, txt_ids=torch.zeros(embeds.shape[1], 3), **inputs
+                encoder_hidden_states=embeds, txt_ids=torch.zeros(embeds.shape[1], 3, device=device), **inputs
             )
-            runs = transformer(**inputs, **demo_flow.context_inputs(text, torch.arange(count)))
+            runs = transformer(**inputs, **demo_flow.context_inputs(text, torch.arange(count), device))
         return float((full[0] - runs[0]).abs().max())
 
     # -- stage 3: the transformer --------------------------------------------------------------
@@ -399,17 +413,18 @@ class Trainer:
         guidance = None
         if variant == "dev":
             low, high = GUIDANCE_RANGE
-            guidance = low + (high - low) * torch.rand(batch, generator=self.generator)
+            guidance = (low + (high - low) * torch.rand(batch, generator=self.generator)).to(self.device)
+        device = self.device
         prediction = transformer(
-            hidden_states=noisy,
-            pooled_projections=text.pooled[pool.scene[chosen]],
-            timestep=sigma,  # the pipeline passes t / 1000 = sigma
+            hidden_states=noisy.to(device),
+            pooled_projections=text.pooled[pool.scene[chosen]].to(device),
+            timestep=sigma.to(device),  # the pipeline passes t / 1000 = sigma
             guidance=guidance,  # and the raw guidance scale
-            img_ids=demo_flow.image_ids(),
+            img_ids=demo_flow.image_ids(device),
             return_dict=False,
-            **demo_flow.context_inputs(text, pool.scene[chosen]),
+            **demo_flow.context_inputs(text, pool.scene[chosen], device),
         )[0]
-        return F.mse_loss(prediction, noise - x0)
+        return F.mse_loss(prediction, (noise - x0).to(device))
 
     def _latents(self, pool: Pool, chosen: torch.Tensor) -> torch.Tensor:
         """Packed, normalised latents as the pipeline's img2img makes them (a posterior sample)."""
@@ -449,7 +464,9 @@ class Trainer:
             self._log_loss("lora", step, steps, losses)
         styled.eval()
         state = get_peft_model_state_dict(styled)
-        tensors = {f"transformer.{key}": value.to(torch.float16).contiguous() for key, value in state.items()}
+        tensors = {
+            f"transformer.{key}": value.to(torch.float16).cpu().contiguous() for key, value in state.items()
+        }
         self.record["lora"] = {
             "rank": rank,
             "layers": len(tensors) // 2,
@@ -608,6 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage: a smoke test")
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models train, e.g. cuda (default cpu); the random draws are the same on any",
+    )
+    parser.add_argument(
         "--widen",
         type=Path,
         metavar="MODEL_DIR",
@@ -641,11 +663,14 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         log_every=1 if args.quick else Settings.log_every,
         quick=args.quick,
+        device=args.device,
     )
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     if args.widen:
-        demo_widen.widen_folder(args.widen, demo_widen.WidenSettings.for_run(args.seed, quick=args.quick))
+        demo_widen.widen_folder(
+            args.widen, demo_widen.WidenSettings.for_run(args.seed, quick=args.quick), args.device
+        )
         return 0
     Trainer(settings).run()
     return 0

@@ -111,8 +111,11 @@ def _core_name(name: str, extra: int) -> str:
 
 
 class Widener:
-    def __init__(self, core, settings: WidenSettings):
-        self.core = core.eval().requires_grad_(False)
+    """Trains on `device`; renders and random draws are made on the CPU, as on any device."""
+
+    def __init__(self, core, settings: WidenSettings, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.core = core.eval().requires_grad_(False).to(self.device)
         self.settings = settings
         self.rng = np.random.default_rng(settings.seed)  # each phase reseeds both
         self.generator = torch.Generator().manual_seed(settings.seed)
@@ -121,7 +124,7 @@ class Widener:
     def train(self):
         """Both phases from a new wide VAE; returns it and the stage's record."""
         settings = self.settings
-        wide = new_wide_vae(self.core, settings.seed)
+        wide = new_wide_vae(self.core, settings.seed).to(self.device)
         phases = {"distil": self.phase(wide, "distil", settings.steps, settings.lr)}
         # As saved and loaded again (float16), so phase 2 run on a saved model (as the committed
         # one was made) trains from the same weights.
@@ -153,7 +156,7 @@ class Widener:
         losses: dict[str, list[float]] = {"decoder": [], "encoder": [], "robust": []}
         started = time.perf_counter()
         for step in range(steps):
-            small, large = self.renders(self.settings.batch)
+            small, large = (images.to(self.device) for images in self.renders(self.settings.batch))
             with torch.no_grad():
                 teacher = self.core.encode(small).latent_dist
                 latent = teacher.sample(generator=self.generator)
@@ -210,7 +213,7 @@ class Widener:
                     index, :, top : top + height, left : left + width
                 ]
             elif kind == 1:
-                noise = torch.randn(odd[index].shape, generator=self.generator)
+                noise = torch.randn(odd[index].shape, generator=self.generator).to(odd.device)
                 odd[index] += spread * self.rng.uniform(0.1, 0.6) * noise
             else:
                 share = self.rng.uniform()
@@ -232,6 +235,7 @@ class Widener:
         wide encoder lands from the 64 px one (relative to the latents' spread)."""
         scenes = self.scenes + demo_world.all_scenes(striped=True)
         small, large = _stacked([render_pair(scene, demo_world.layout(64)) for scene in scenes])
+        small, large = small.to(self.device), large.to(self.device)
         with torch.no_grad():
             core_latent = self.core.encode(small).latent_dist.mode()
             wide_latent = wide.encode(large).latent_dist.mode()
@@ -257,7 +261,7 @@ def _stacked(pairs) -> tuple[torch.Tensor, torch.Tensor]:
     return demo_model.to_tensor(small), demo_model.to_tensor(large)
 
 
-def widen_folder(root: Path, settings: WidenSettings) -> dict:
+def widen_folder(root: Path, settings: WidenSettings, device: torch.device | str = "cpu") -> dict:
     """Widen the VAE of the trained model in `root` in place (both releases) and add the stage
     to its training record."""
     from diffusers import AutoencoderKL
@@ -267,10 +271,10 @@ def widen_folder(root: Path, settings: WidenSettings) -> dict:
     if len(core.config.block_out_channels) != len(demo_model.CORE_VAE["block_out_channels"]):
         raise SystemExit(f"{root}'s VAE has {len(core.config.block_out_channels)} levels: already widened?")
     started = time.perf_counter()
-    wide, record = Widener(core, settings).train()
+    wide, record = Widener(core, settings, device).train()
     record["seconds"] = round(time.perf_counter() - started, 1)
     record["command"] = " ".join(["python -m flux_lora.demo_train", *sys.argv[1:]])
-    demo_model.replace_vae(root, wide)
+    demo_model.replace_vae(root, wide.to("cpu"))
     training = json.loads((root / demo_model.RECORD_FILE).read_text())
     training["widen"] = record
     training.setdefault("stage_seconds", {})["widen"] = record.pop("seconds")
