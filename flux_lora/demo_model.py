@@ -62,9 +62,11 @@ CORE_VAE = dict(
     use_post_quant_conv=False,
 )
 # Two thin outer levels around the core's three (whose weights they start from). Two groups a
-# GroupNorm, so the outer levels normalise 4 and 8 channels together, as FLUX's own VAE does at
-# its outer two. With the core's 8 groups each thin channel was normalised alone over the whole
-# picture: an inpainted box's statistics then reached every pixel (demo_widen has the figures).
+# GroupNorm at every level (diffusers has one setting for all): the outer levels normalise 4 and
+# 8 channels together, as FLUX's own VAE does at its outer two, and the inner ones 16 and 32,
+# where the core had 4 and 8 (so the inherited weights are a head start only). With the core's 8
+# groups each thin channel was normalised alone over the whole picture: an inpainted box's
+# statistics then reached every pixel (demo_widen has the figures).
 VAE = dict(
     CORE_VAE,
     down_block_types=("DownEncoderBlock2D",) * 5,

@@ -5,10 +5,11 @@
 The default step counts take about 65 minutes on one CPU core for stages 1 to 4 and about 50 for
 stage 5 (the record, training.json beside the weights, has each stage's time); `--quick` runs
 every stage for a few steps in seconds. The committed model is in `demo/`.
-Results are reproducible for a given seed, thread count and device (the thread count changes the
-order of floating-point sums). `--device cuda` trains the models on a GPU; the data (renders,
-latent pool, encoded prompts) and every random draw stay on the CPU, so the draws are the same on
-any device (the arithmetic is not, so neither are the weights).
+On the CPU, results are reproducible for a given seed and thread count (the thread count changes
+the order of floating-point sums). `--device cuda` (with a CUDA build of torch) trains the models
+on a GPU, with TF32 off; the data (renders, latent pool, encoded prompts) and every random draw
+stay on the CPU, so the draws are the same on any device. The arithmetic is not, and some CUDA
+kernels are not deterministic, so a GPU run's weights differ from a CPU run's and from each other.
 
 Five stages, seeded, each logged with its loss and a quick reading by the world's checker:
 1. VAE: reconstruct rendered scenes, plain and striped (64 px); then encode a pool of renders,
@@ -79,7 +80,7 @@ class Steps:
     lora: int
 
 
-# Sized for about 75 minutes on one CPU core (see the record for the measured times).
+# Stages 1 to 4 take about 65 minutes on one CPU core (the record has the measured times).
 FULL = Steps(vae=500, text=150, transformer=30000, lora=1500)
 QUICK = Steps(vae=2, text=2, transformer=4, lora=2)
 
@@ -445,6 +446,8 @@ class Trainer:
 
         rank, steps = self.settings.lora_rank, self.settings.steps.lora
         styled = copy.deepcopy(ema)
+        # peft draws the LoRA's initial weights from torch's global (CPU) stream, then moves them to
+        # the base layer's device: the same draws on any device.
         styled.add_adapter(
             LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
         )
@@ -665,6 +668,20 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         device=args.device,
     )
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: not a torch device; use cpu or cuda (cuda:N for the N-th GPU)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(
+                f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                "install a CUDA build of torch on a machine with one, or leave --device out (cpu)"
+            )
+        # TF32 rounds float32 convolutions and matmuls to 10-bit mantissas; the VAE's figures are
+        # read at 1/255, so keep full float32.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     if args.widen:

@@ -17,15 +17,18 @@ together. The first version kept the 64 px VAE's 8 groups, one or two channels a
 outer levels: each channel was normalised alone over the whole picture, so an inpainted box's
 statistics reached every pixel, and colour rippled across pictures (most on black). Away from the
 box it drew up to 57/255 after phase 1 and 25 after phase 2 (which was added for it), where the
-64 px decoder stayed within 2.5; with the box's statistics swapped for a clean decode's, 2 to 5.
+64 px decoder stayed within 2.5; with the box's statistics swapped for a clean decode's, 2 to 5
+(one scene: 10).
 Two other tries made it worse (a phase on latents the transformer itself draws, and the inner
-levels frozen at the 64 px weights). With two groups (or one) the same two phases give a round
-trip of 2.5/255 against 7.3, and an inpainted picture's rest stays within about 2/255 of the input
-(scripts/demo-quality has the figures; the README's table).
+levels frozen at the 64 px weights). With two groups the same two phases give a round trip of
+2.5/255 against 7.3, and an inpainted picture's rest stays within 2/255 of the input, within the
+round trip's error for 43 scenes of 44 (scripts/demo-quality; the README's table). One group
+gave much the same: round trip 2.55, 42 of 44.
 The inner levels start from the 64 px VAE's weights wherever their shapes match (the outer two
-levels are new), and the latent factors (shift, scaling) are the 64 px VAE's.
+levels are new; the GroupNorms group differently, so it is a head start only), and the latent
+factors (shift, scaling) are the 64 px VAE's.
 
-    ./scripts/train-demo --widen MODEL_DIR [--threads N]
+    ./scripts/train-demo --widen MODEL_DIR [--seed 0] [--threads 1] [--device cpu]
 
 widens the VAE of a model trained before this stage existed, in place; a full run does the same
 after stage 4, from the float16 VAE it saves (so both paths train from the same weights).

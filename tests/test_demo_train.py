@@ -120,3 +120,39 @@ def test_quality_bench_runs_on_the_quick_model(quick_model: Path):
     )
     assert set(record) >= {"txt2img", "img2img", "inpaint", "lora"}
     assert set(record["txt2img"]) == {"dev", "schnell"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch sees a GPU")
+@pytest.mark.parametrize(("device", "says"), [("cuda", "sees no CUDA GPU"), ("gpu", "not a torch device")])
+def test_a_device_this_torch_cannot_train_on_is_refused_before_any_work(
+    tmp_path: Path, device: str, says: str
+):
+    out = tmp_path / "model"
+    refused = subprocess.run(
+        ["./scripts/train-demo", "--quick", "--device", device, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert f"--device {device}: " in refused.stderr and says in refused.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quick_run_on_a_gpu_writes_a_model_that_draws(tmp_path: Path):
+    out = tmp_path / "model"
+    subprocess.run(
+        ["./scripts/train-demo", "--quick", "--device", "cuda", "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        timeout=300,
+    )
+    record = json.loads((out / demo_model.RECORD_FILE).read_text())
+    assert record["settings"]["device"] == "cuda"
+    assert set(record["stage_seconds"]) >= {"vae", "text", "transformer", "lora", "widen"}
+    pipelines = FluxPipelines.load(ModelSource(out), torch.device("cpu"))
+    request = GenerationRequest(prompt="a red circle on a blue background", num_inference_steps=2)
+    (image,) = pipelines.generate(request, size=(demo_model.IMAGE_SIZE, demo_model.IMAGE_SIZE), seed=0)
+    assert image.size == (demo_model.IMAGE_SIZE, demo_model.IMAGE_SIZE)
