@@ -131,7 +131,7 @@ def inpaint_regions() -> tuple[Image.Image, np.ndarray, np.ndarray]:
 def inpaint(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
     mask, inside, away = inpaint_regions()
     vae = pipelines.variant("dev").txt2img.vae
-    changes, judged, errors, floors, rest_floors = [], [], [], [], []
+    readings, judged = [], []
     for index, scene in enumerate(scenes):
         target = other_scene(scene, index)
         source = demo_world.render(scene, SIZE)
@@ -142,13 +142,11 @@ def inpaint(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
             image=source,
             mask=mask,
         )
-        difference = np.abs(_pixels(image) - _pixels(source)).mean(-1)
-        changes.append(float(difference[inside].mean()))
+        readings.append(inpaint_reading(vae, source, image, index, inside, away))
         judged.append(demo_world.judge(image, target).all_ok)
-        errors.append(float(difference[away].mean()))
-        trip = np.abs(_pixels(round_trip(vae, source, index)) - _pixels(source)).mean(-1)
-        floors.append(float(trip.mean()))
-        rest_floors.append(float(trip[away].mean()))
+    changes, errors, floors, rest_floors = (
+        [reading[part] for reading in readings] for part in ("change", "rest", "floor", "rest_floor")
+    )
     return {
         "strength": INPAINT_STRENGTH,
         "masked_change_mean": round(statistics.fmean(changes), 2),
@@ -193,16 +191,29 @@ def other_scene(scene: Scene, index: int) -> Scene:
     return options[index % len(options)]
 
 
+def inpaint_reading(
+    vae, source: Image.Image, image: Image.Image, seed: int, inside: np.ndarray, away: np.ndarray
+) -> dict[str, float]:
+    """One inpaint of `source` into `image`, in mean absolute levels of 0..255: the box's change,
+    the rest's distance from the input, and a round trip's error (a posterior sample drawn with
+    `seed`) over the whole image and over the rest."""
+    before = demo_world.rgb_array(source)
+    difference = np.abs(demo_world.rgb_array(image) - before).mean(-1)
+    trip = np.abs(demo_world.rgb_array(round_trip(vae, source, seed)) - before).mean(-1)
+    return {
+        "change": float(difference[inside].mean()),
+        "rest": float(difference[away].mean()),
+        "floor": float(trip.mean()),
+        "rest_floor": float(trip[away].mean()),
+    }
+
+
 def round_trip(vae, image: Image.Image, seed: int) -> Image.Image:
     """Encode (a posterior sample, as the inpaint pipeline takes it) and decode."""
     with torch.no_grad():
         pixels = demo_model.to_tensor([image.convert("RGB")]).to(vae.dtype)
         latents = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(seed))
         return demo_model.to_pil(vae.decode(latents).sample.float())[0]
-
-
-def _pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), np.float32)
 
 
 def _share(values) -> float:

@@ -412,10 +412,10 @@ class Trainer:
         sigma = demo_flow.noise_levels(variant, batch, self.generator)
         noisy = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         guidance = None
+        device = self.device
         if variant == "dev":
             low, high = GUIDANCE_RANGE
-            guidance = (low + (high - low) * torch.rand(batch, generator=self.generator)).to(self.device)
-        device = self.device
+            guidance = (low + (high - low) * torch.rand(batch, generator=self.generator)).to(device)
         prediction = transformer(
             hidden_states=noisy.to(device),
             pooled_projections=text.pooled[pool.scene[chosen]].to(device),

@@ -52,8 +52,8 @@ from flux_lora.demo_world import Box, Scene
 
 log = logging.getLogger(__name__)
 
-WIDE_SIZE = 256
-SCALE = WIDE_SIZE // 64  # 256 px renders of the 64 px layout
+CORE_SIZE, WIDE_SIZE = demo_model.CORE_SIZE, demo_model.IMAGE_SIZE  # 64 px, 256 px
+SCALE = WIDE_SIZE // CORE_SIZE  # 256 px renders of the 64 px layout
 LOGVAR_WEIGHT = 0.01  # the posterior's spread matters far less than its mean
 PHASES = ("distil", "robust")  # each phase's seed is the stage's plus its index here
 
@@ -159,7 +159,7 @@ class Widener:
         losses: dict[str, list[float]] = {"decoder": [], "encoder": [], "robust": []}
         started = time.perf_counter()
         for step in range(steps):
-            small, large = (images.to(self.device) for images in self.renders(self.settings.batch))
+            small, large = self.renders(self.settings.batch)
             with torch.no_grad():
                 teacher = self.core.encode(small).latent_dist
                 latent = teacher.sample(generator=self.generator)
@@ -224,21 +224,23 @@ class Widener:
         return odd
 
     def renders(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random scenes (plain or striped) in random boxes, at 64 and at 256 px, in [-1, 1]."""
+        """Random scenes (plain or striped) in random boxes, at 64 and at 256 px, in [-1, 1], on
+        the training device."""
         pairs = []
         for _ in range(count):
             scene = self.scenes[self.rng.integers(len(self.scenes))]
             scene = Scene(scene.shape, scene.colour, scene.background, bool(self.rng.integers(2)))
-            pairs.append(render_pair(scene, demo_world.layout(64, self.rng)))
-        return _stacked(pairs)
+            pairs.append(render_pair(scene, demo_world.layout(CORE_SIZE, self.rng)))
+        return _stacked(pairs, self.device)
 
     def check(self, wide) -> dict[str, float]:
         """At 256 px, over every scene plain and striped (centred): the checker's reading of the
         wide VAE's round trip and of its decoding of the 64 px VAE's latents, and how far the
         wide encoder lands from the 64 px one (relative to the latents' spread)."""
         scenes = self.scenes + demo_world.all_scenes(striped=True)
-        small, large = _stacked([render_pair(scene, demo_world.layout(64)) for scene in scenes])
-        small, large = small.to(self.device), large.to(self.device)
+        small, large = _stacked(
+            [render_pair(scene, demo_world.layout(CORE_SIZE)) for scene in scenes], self.device
+        )
         with torch.no_grad():
             core_latent = self.core.encode(small).latent_dist.mode()
             wide_latent = wide.encode(large).latent_dist.mode()
@@ -254,14 +256,14 @@ class Widener:
 
 def render_pair(scene: Scene, box: Box):
     """The scene in a box of the 64 px layout, painted at 64 px and at 256 px."""
-    return demo_world.paint(scene, 64, box), demo_world.paint(
+    return demo_world.paint(scene, CORE_SIZE, box), demo_world.paint(
         scene, WIDE_SIZE, Box(*(SCALE * v for v in box))
     )
 
 
-def _stacked(pairs) -> tuple[torch.Tensor, torch.Tensor]:
+def _stacked(pairs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     small, large = zip(*pairs, strict=True)
-    return demo_model.to_tensor(small), demo_model.to_tensor(large)
+    return demo_model.to_tensor(small).to(device), demo_model.to_tensor(large).to(device)
 
 
 def widen_folder(root: Path, settings: WidenSettings, device: torch.device | str = "cpu") -> dict:

@@ -207,7 +207,7 @@ def shape_mask(shape: str, size: int = 64, box: Box | None = None) -> np.ndarray
 
 def foreground_mask(image: Image.Image) -> np.ndarray:
     """Boolean mask of the pixels the checker counts as the shape (see the module docstring)."""
-    pixels = _pixels(image)
+    pixels = rgb_array(image)
     return _foreground(pixels, _border_median(pixels))
 
 
@@ -222,7 +222,7 @@ def outline_overlap(image_a: Image.Image, image_b: Image.Image) -> float:
 
 def read(image: Image.Image) -> Reading:
     """The checker's reading of each part of an image, with the measures behind it."""
-    pixels = _pixels(image)
+    pixels = rgb_array(image)
     border = _border_median(pixels)
     background = _nearest(border, BACKGROUNDS, BACKGROUND_DISTANCE)
     mask = _foreground(pixels, border)
@@ -308,7 +308,8 @@ def _band_colour(background: RGB | np.ndarray) -> RGB:
     return BLACK if 0.299 * red + 0.587 * green + 0.114 * blue > 128 else WHITE
 
 
-def _pixels(image: Image.Image) -> np.ndarray:
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """The image as float32 RGB, (height, width, 3), 0..255."""
     return np.asarray(image.convert("RGB"), dtype=np.float32)
 
 
