@@ -1,4 +1,5 @@
-"""Command line: `python -m flux_lora {openapi,predict,resolve-lora,model-dir,build-tiny}`; see `--help`."""
+"""Command line: `python -m flux_lora {openapi,predict,inspect,resolve-lora,model-dir,build-tiny}`;
+see `--help`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("-i", "--input", action="append", default=[], help="name=value or name=@file")
     predict.add_argument("-o", "--output", type=Path, default=Path("outputs"), help="folder for the images")
     predict.add_argument("--predictor", default="predict.py:Predictor", help="file.py:Class")
+    inspect = commands.add_parser(
+        "inspect",
+        help="load what the server would load (same environment) and report every module: device, "
+        "parameters by dtype, bytes; exit 1 if a module is not in the serving dtype",
+    )
+    inspect.add_argument(
+        "--exercise", action="store_true", help="first run one small request down every serving path"
+    )
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     resolve = commands.add_parser(
         "resolve-lora", help="show what a LoRA reference would fetch, fetching nothing"
     )
@@ -47,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         from flux_lora.client import predict as run_prediction
 
         return run_prediction(args.input, args.output, args.predictor)
+    elif args.command == "inspect":
+        return _inspect(args.exercise, args.json)
     elif args.command == "resolve-lora":
         from flux_lora.errors import InputError
         from flux_lora.lora_refs import describe, parse_lora_ref
@@ -66,6 +78,33 @@ def main(argv: list[str] | None = None) -> int:
 
         print(tiny_model.build(args.output or models.TINY_MODEL_DIR, force=args.force))
     return 0
+
+
+def _inspect(exercise: bool, as_json: bool) -> int:
+    """Set up as the server does (the scripts' model folder, COG_WEIGHTS and every FLUX_LORA_*
+    setting), optionally exercise every path, then report what is held."""
+    import json
+    import logging
+    import os
+
+    from flux_lora import inventory
+    from flux_lora.models import model_dir_for_scripts
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    os.environ["FLUX_MODEL_DIR"] = str(model_dir_for_scripts())
+    from flux_lora.service import FluxLoraService
+
+    service = FluxLoraService.setup(os.environ.get("COG_WEIGHTS") or None)
+    exercised = None
+    if exercise:
+        from flux_lora import exercise as paths
+
+        exercised = paths.run(service)
+    report = inventory.report(service)
+    if exercised is not None:
+        report["exercised"] = exercised
+    print(json.dumps(report, indent=2) if as_json else inventory.render(report))
+    return 1 if report["faults"] else 0
 
 
 def _openapi(predictor: str, output: Path | None, check: bool) -> int:

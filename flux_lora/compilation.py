@@ -94,7 +94,15 @@ class Compiler:
 
     def _count_and_compile(self, graph: torch.fx.GraphModule, example_inputs: list):
         self.compilations += 1
-        return self._backend(graph, example_inputs)
+        started = time.perf_counter()
+        compiled = self._backend(graph, example_inputs)
+        log.info(
+            "torch.compile: graph %d (%d nodes) compiled in %.1f s",
+            self.compilations,
+            len(graph.graph.nodes),
+            time.perf_counter() - started,
+        )
+        return compiled
 
     @property
     def cache_file(self) -> Path | None:

@@ -156,12 +156,13 @@ def _load(root: Path, folders: list[str], device: object | None) -> None:
     checkers with SafetyChecker.load; a folder without its pair with the loaders of its classes."""
     import torch
 
+    from flux_lora.devices import default_device, serving_dtype
     from flux_lora.models import ModelSource
-    from flux_lora.pipeline import FluxPipelines, default_device
+    from flux_lora.pipeline import FluxPipelines
     from flux_lora.safety import SafetyChecker
 
     device = torch.device(device) if device is not None else default_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as FluxPipelines picks
+    dtype = serving_dtype(device)
     pairs = {
         FLUX_FOLDERS: lambda: FluxPipelines.load(ModelSource(root), device),
         CHECKERS: lambda: SafetyChecker.load(root, device, dtype),

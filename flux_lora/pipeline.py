@@ -14,12 +14,14 @@ import torch
 from PIL import Image
 
 from flux_lora.compilation import Compiler
+from flux_lora.devices import default_device, dtype_name, serving_dtype
 from flux_lora.errors import CanceledError
 from flux_lora.lora_slots import LoraSlots
 from flux_lora.models import RELEASES, ModelSource
-from flux_lora.placement import Residency, module_bytes
-from flux_lora.quant import fp8_copy
+from flux_lora.placement import Residency
+from flux_lora.quant import fp8_copy, fp8_copy_bytes
 from flux_lora.schema import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, resolve_size
+from flux_lora.tensors import module_bytes
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ TRUNCATION_WARNINGS = ("The following part of your input was truncated", "Token 
 
 @dataclass(frozen=True)
 class Variant:
-    """One release's three pipelines; img2img and inpaint reuse txt2img's modules (`from_pipe`)."""
+    """One release's three pipelines; img2img and inpaint over the same modules as txt2img."""
 
     name: str
     txt2img: object
@@ -74,9 +76,8 @@ class FluxPipelines:
             started = time.perf_counter()
             base = self.variants[name]
             self.residency.ensure((name, False))
-            # Room for the full-precision deep copy that is quantized in place.
-            self.residency.make_room(module_bytes(base.txt2img.transformer), keep={(name, False)})
-            fp8 = fp8_copy(base.txt2img.transformer, self.device)
+            self.residency.make_room(fp8_copy_bytes(base.txt2img.transformer), keep={(name, False)})
+            fp8 = fp8_copy(base.txt2img.transformer, self.device, MAX_SEQUENCE_LENGTH[name])
             self.residency.add((name, True), fp8.module, evictable=False)
             self.fast_variants[name] = _assemble(name, {**base.txt2img.components, "transformer": fp8.module})
             self.fast_modes[name] = fp8.mode
@@ -104,9 +105,20 @@ class FluxPipelines:
             self.residency.add((name, fast), transformer, evictable=not fast)  # measured again, with slots
             compiler.compile(transformer)
         shapes = warm_up_shapes() if warm_up == "all" else warm_up_shapes()[-2:]
-        for name, fast in keys:
+        # The default request's transformer (dev, bf16) last: on a GPU too small for all four it is
+        # then the one on the GPU at READY.
+        for name, fast in sorted(keys, key=lambda key: key == ("dev", False)):
+            warm_started, compiled_before = time.perf_counter(), compiler.compilations
             for width, height, outputs in shapes:
                 self._warm_up(name, fast, width, height, outputs)
+            log.info(
+                "torch.compile: %s%s warmed up on %d shapes in %.1f s (%d compilations)",
+                RELEASES[name],
+                " fp8" if fast else "",
+                len(shapes),
+                time.perf_counter() - warm_started,
+                compiler.compilations - compiled_before,
+            )
         compiler.save_cache()
         log.info(
             "torch.compile (%s): %d transformers warmed up on %d shapes each, %d compilations, in %.1f s",
@@ -140,9 +152,8 @@ class FluxPipelines:
     @classmethod
     def load(cls, source: ModelSource, device: torch.device | None = None) -> FluxPipelines:
         device = device or default_device()
-        # bf16 is what FLUX runs in on a GPU; the CPU has no fast bf16 matmul, so it gets fp32.
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        log.info("Loading FLUX from %s on %s (%s)", source.root, device, str(dtype).removeprefix("torch."))
+        dtype = serving_dtype(device)
+        log.info("Loading FLUX from %s on %s (%s)", source.root, device, dtype_name(dtype))
         loaded: dict[str, dict[str, object]] = {}
         for variant in RELEASES:
             loaded[variant] = _load_components(
@@ -264,10 +275,6 @@ class _DropTruncationWarnings(logging.Filter):
 _DROP_TRUNCATION_WARNINGS = _DropTruncationWarnings()  # one instance: addFilter is then idempotent
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _load_components(
     folder: Path,
     device: torch.device,
@@ -342,23 +349,17 @@ def _random_module(component_class: type, folder: Path, device: torch.device, dt
 
 
 def _assemble(name: str, components: dict[str, object]) -> Variant:
-    import diffusers
+    """The release's three pipelines over the same modules. Built directly, not with
+    `from_pipe`: diffusers 0.42's `from_pipe` ends with `.to(dtype=...)`, float32 unless told,
+    which cast every shared module (transformer, T5, CLIP, VAE) of a bf16 load to fp32."""
     from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 
-    txt2img = FluxPipeline(**components)
-    # from_pipe calls .to(dtype=...), on which diffusers 0.42 warns about fp32-kept modules
-    # even when there are none (its list is `or []`, never None): silence only that call.
-    verbosity = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()
-    try:
-        variant = Variant(
-            name=name,
-            txt2img=txt2img,
-            img2img=FluxImg2ImgPipeline.from_pipe(txt2img),
-            inpaint=FluxInpaintPipeline.from_pipe(txt2img),
-        )
-    finally:
-        diffusers.utils.logging.set_verbosity(verbosity)
+    variant = Variant(
+        name=name,
+        txt2img=FluxPipeline(**components),
+        img2img=FluxImg2ImgPipeline(**components),
+        inpaint=FluxInpaintPipeline(**components),
+    )
     for pipe in (variant.txt2img, variant.img2img, variant.inpaint):
         pipe.set_progress_bar_config(disable=True)
     return variant

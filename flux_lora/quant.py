@@ -1,10 +1,17 @@
 """go_fast: an fp8 copy of a FLUX transformer.
 
 On CUDA GPUs of compute capability 8.9 or more (H100, L40S, 4090) the copy does real fp8 matrix
-products (torchao's float8 dynamic activation + weight, per-row scales). Anywhere else, the CPU
-in CI included, it stores the weights in fp8 and computes in the model's dtype (torchao's float8
-weight-only), which really runs, so the go_fast code is the code the tests exercise. A GPU whose
-fp8 kernels fail on a first forward falls back to weight-only, and says why.
+products (torchao's float8 dynamic activation + weight, per-row scales, else per-tensor). Anywhere
+else, the CPU in CI included, it stores the weights in fp8 and computes in the model's dtype
+(torchao's float8 weight-only), which really runs, so the go_fast code is the code the tests
+exercise.
+
+Each choice must first run a forward at the smallest shapes a go_fast request can have, or the
+next is tried, and the log says why. On an H200 (torch 2.11, CUDA 13, torchao 0.18) per-row
+scaling failed in cuBLASLt (CUBLAS_STATUS_NOT_SUPPORTED) for a toy shape: rowwise fp8 is known to
+fail for large inner dimensions (FLUX's 12288 and 15360) with 256 rows or fewer (pytorch/ao#4582),
+and per-tensor scaling works there. A test at a shape no request has would reject a mode that
+works, or accept one that fails in a request: hence the smallest real shapes.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ import torch
 log = logging.getLogger(__name__)
 
 FP8_MATMUL_CAPABILITY = (8, 9)
+# Image tokens of the smallest go_fast inputs: a 16x16 image (img2img takes any size), 256x256
+# and the smallest preset, 512x512. The text is the release's T5 length.
+SMOKE_IMAGE_TOKENS = (1, 256, 1024)
 
 
 @dataclass(frozen=True)
@@ -26,7 +36,7 @@ class Fp8Transformer:
     mode: str  # "fp8 matmuls (float8 dynamic activation + weight, per-row)" | "fp8 weight-only"
 
 
-def fp8_copy(transformer: torch.nn.Module, device: torch.device) -> Fp8Transformer:
+def fp8_copy(transformer: torch.nn.Module, device: torch.device, text_tokens: int) -> Fp8Transformer:
     """A quantized deep copy; the original keeps serving bf16 requests unchanged."""
     # torchao logs missing optional CUDA kernels at import: noise on machines without them.
     logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -34,42 +44,68 @@ def fp8_copy(transformer: torch.nn.Module, device: torch.device) -> Fp8Transform
         Float8DynamicActivationFloat8WeightConfig,
         Float8WeightOnlyConfig,
         PerRow,
+        PerTensor,
         quantize_,
     )
 
+    dtype = next(transformer.parameters()).dtype  # the serving dtype, which the copy computes in
     if _has_fp8_matmuls(device):
-        fast = _base_copy(transformer)
-        try:
-            quantize_(fast, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-            _smoke_test(fast)
-            return Fp8Transformer(fast, "fp8 matmuls (float8 dynamic activation + weight, per-row)")
-        except Exception as err:  # a kernel missing from this build: weight-only still halves memory
-            log.warning("fp8 matmuls failed on %s (%s); using fp8 weight-only", device, _first_line(err))
-            del fast
+        for scaling, granularity in (("per-row", PerRow()), ("per-tensor", PerTensor())):
+            fast = _base_copy(transformer)
+            try:
+                quantize_(fast, Float8DynamicActivationFloat8WeightConfig(granularity=granularity))
+                for tokens in SMOKE_IMAGE_TOKENS:
+                    _smoke_test(fast, dtype, tokens, text_tokens)
+                return Fp8Transformer(fast, f"fp8 matmuls (float8 dynamic activation + weight, {scaling})")
+            except Exception as err:  # a kernel this build lacks for some shape: try the next
+                log.warning("fp8 matmuls, %s, failed on %s (%s)", scaling, device, _first_line(err))
+                del fast
+        log.warning("fp8 matmuls unavailable on %s: go_fast uses fp8 weight-only", device)
     fast = _base_copy(transformer)
     quantize_(fast, Float8WeightOnlyConfig())
     return Fp8Transformer(fast, "fp8 weight-only")
 
 
+def fp8_copy_bytes(transformer: torch.nn.Module) -> int:
+    """What the copy will take: a byte per linear weight value and a float32 scale per row (at
+    most), the rest as it is."""
+    linear = {id(w): w for w in _linear_weights(transformer)}
+    return sum(
+        t.numel() + 4 * t.shape[0] if id(t) in linear else t.numel() * t.element_size()
+        for t in [*transformer.parameters(), *transformer.buffers()]
+    )
+
+
 def _base_copy(transformer: torch.nn.Module) -> torch.nn.Module:
     """A deep copy without the LoRA adapters the original may carry right now (they are never
-    fused, so removing the adapter layers restores the base weights exactly)."""
-    fast = copy.deepcopy(transformer)
+    fused, so removing the adapter layers restores the base weights exactly). The copy's linear
+    weights share the original's memory until `quantize_` replaces them one layer at a time: the
+    copy never holds a second full-precision transformer (24 GB at full size, in bf16)."""
+    shared = {
+        id(w): torch.nn.Parameter(w.detach(), requires_grad=False) for w in _linear_weights(transformer)
+    }
+    fast = copy.deepcopy(transformer, memo=shared)
     if getattr(fast, "peft_config", None):
         fast.unload_lora()
     return fast
+
+
+def _linear_weights(transformer: torch.nn.Module) -> list[torch.Tensor]:
+    return [
+        layer.weight
+        for path, layer in transformer.named_modules()
+        if isinstance(layer, torch.nn.Linear) and ".lora_" not in path
+    ]
 
 
 def _has_fp8_matmuls(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MATMUL_CAPABILITY
 
 
-def _smoke_test(transformer: torch.nn.Module) -> None:
-    """One forward at the smallest size, so a kernel that cannot run fails here, not in a request."""
+def _smoke_test(transformer: torch.nn.Module, dtype: torch.dtype, tokens: int, text: int) -> None:
+    """One forward in the serving dtype, so a kernel that cannot run fails here, not in a request."""
     config = transformer.config
-    parameter = next(transformer.parameters())
-    device, dtype = parameter.device, torch.bfloat16
-    tokens, text = 16, 8
+    device = next(transformer.parameters()).device
     with torch.inference_mode():
         transformer(
             hidden_states=torch.zeros(1, tokens, config.in_channels, device=device, dtype=dtype),

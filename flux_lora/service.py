@@ -17,9 +17,11 @@ import torch
 
 from flux_lora.cache import LoraCache
 from flux_lora.compilation import Compiler, CompileSettings
+from flux_lora.devices import dtype_name
 from flux_lora.errors import GenerationMemoryError, UnsafeImageError
 from flux_lora.image_inputs import ImageFetcher
 from flux_lora.images import load_image, load_mask
+from flux_lora.inventory import INSPECT_FILE_ENV, write_report
 from flux_lora.lora import GO_FAST_SCALE, AdapterSet, WantedAdapter
 from flux_lora.lora_refs import LoraRef, parse_lora_ref
 from flux_lora.lora_slots import MAX_RANK_ENV, LoraSlots, max_rank_from_env
@@ -50,6 +52,7 @@ class FluxLoraService:
         output_root: Path,
         fetcher: LoraFetcher,
         trained_lora: LoraRef | None = None,
+        inspect_file: Path | None = None,
     ):
         self.pipelines = pipelines
         self.safety = safety
@@ -61,6 +64,8 @@ class FluxLoraService:
         # Kept as a reference, fetched through the cache when needed, so eviction cannot strand it.
         self.trained_lora = trained_lora
         self._adapters: dict[tuple[str, bool], AdapterSet | LoraSlots] = {}  # per transformer: (release, fp8)
+        # FLUX_LORA_INSPECT_FILE: the inventory (`inspect --json`), rewritten after every prediction.
+        self.inspect_file = inspect_file
         # coglet calls run() from whichever of its tokio threads is free, and torch's OpenMP
         # keeps one thread team per calling thread: switching callers left the previous team
         # spinning on our cores (tiny model, 2 cores: 49 ms a call instead of 33). All torch
@@ -84,9 +89,13 @@ class FluxLoraService:
         safety = SafetyChecker.load(source.root, pipelines.device, pipelines.dtype)
         fetcher = LoraFetcher.from_env(LoraCache.from_env(DEFAULT_CACHE_DIR))
         output_root = Path(tempfile.mkdtemp(prefix="flux-lora-out-"))
-        service = cls(pipelines, safety, output_root, fetcher, trained)
+        inspect_file = os.environ.get(INSPECT_FILE_ENV, "").strip()
+        service = cls(
+            pipelines, safety, output_root, fetcher, trained, Path(inspect_file) if inspect_file else None
+        )
         if trained is not None:
             service._torch_thread.submit(service._apply_loras, GenerationRequest(prompt=""), False).result()
+        service._write_inventory()
         log.info("Setup done in %.2f s", time.perf_counter() - started)
         return service
 
@@ -96,7 +105,7 @@ class FluxLoraService:
         and on cancellation tell the work to stop at its next denoising step, wait for it to
         stop (the next prediction must start clean), and let the cancellation through."""
         cancel = threading.Event()
-        future = self._torch_thread.submit(self._predict, request, cancel)
+        future = self._torch_thread.submit(self._predict_and_report, request, cancel)
         try:
             while not wait([future], timeout=CANCEL_POLL_S).done:
                 pass
@@ -106,6 +115,16 @@ class FluxLoraService:
             log.info("Canceled")
             raise
         return future.result()
+
+    def _predict_and_report(self, request: GenerationRequest, cancel: threading.Event) -> Prediction:
+        try:
+            return self._predict(request, cancel)
+        finally:
+            self._write_inventory()
+
+    def _write_inventory(self) -> None:
+        if self.inspect_file is not None:
+            write_report(self, self.inspect_file)
 
     def _predict(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Prediction:
         # 1. Rules across fields (cog has checked each field alone).
@@ -128,7 +147,7 @@ class FluxLoraService:
         # 4. go_fast: the fp8 transformer, except for custom sizes, which the schema runs in bf16.
         fast = request.go_fast and not (request.mode == "txt2img" and request.aspect_ratio == CUSTOM)
         if request.go_fast and not fast:
-            log.info("go_fast: custom sizes run in %s, as the schema says", _dtype_name(self.pipelines))
+            log.info("go_fast: custom sizes run in %s, as the schema says", dtype_name(self.pipelines.dtype))
 
         # 5. LoRAs: fetched (from the cache when there), then made the transformer's adapters.
         metrics = self._apply_loras(request, fast)
@@ -197,6 +216,7 @@ class FluxLoraService:
         if multiplier != 1.0:
             log.info("go_fast: LoRA scales x%.1f", multiplier)
         key = (request.model, fast)
+        self.pipelines.residency.ensure(key)  # adapters change only on the GPU, where they run
         if key not in self._adapters:  # compiled transformers have slots, written in place
             self._adapters[key] = self.pipelines.lora_slots.get(key) or AdapterSet(
                 self.pipelines.variant(request.model, fast=fast).txt2img.transformer
@@ -211,7 +231,3 @@ class FluxLoraService:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         return folder
-
-
-def _dtype_name(pipelines: FluxPipelines) -> str:
-    return str(pipelines.dtype).removeprefix("torch.")

@@ -104,11 +104,17 @@ def build(root: Path, *, force: bool = False) -> Path:
 
 
 def random_lora(
-    seed: int = 0, rank: int = 4, prefix: str = "transformer.", transformer: object | None = None
+    seed: int = 0,
+    rank: int = 4,
+    prefix: str = "transformer.",
+    transformer: object | None = None,
+    targets: tuple[str, ...] = ("attn", "proj"),
+    dtype: object | None = None,
 ) -> bytes:
     """A random LoRA for the tiny transformer (or `transformer`, any FLUX size), as safetensors
     bytes, in the layout the Replicate trainer writes: diffusers/peft keys with the `transformer.`
-    prefix on every attention and projection layer. Shapes come from the transformer built on the
+    prefix on every linear layer whose path contains one of `targets` (by default every attention
+    and projection layer), in `dtype` (default float32). Shapes come from the transformer built on the
     meta device (no memory)."""
     import torch
     from diffusers import FluxTransformer2DModel
@@ -124,13 +130,13 @@ def random_lora(
         if ".lora_" in name:  # a transformer with LoRA slots: their layers are not targets
             continue
         name = name.removesuffix(".base_layer")  # peft keeps the wrapped layer under this name
-        if isinstance(layer, torch.nn.Linear) and ("attn" in name or "proj" in name):
+        if isinstance(layer, torch.nn.Linear) and any(target in name for target in targets):
             tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(
                 rank, layer.in_features, generator=generator
-            )
+            ).to(dtype or torch.float32)
             tensors[f"{prefix}{name}.lora_B.weight"] = torch.randn(
                 layer.out_features, rank, generator=generator
-            )
+            ).to(dtype or torch.float32)
     return save(tensors)
 
 

@@ -18,7 +18,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from PIL import Image
 
-from bench.gpu import transformer_inputs
+from bench.gpu_phases import transformer_inputs
 from flux_lora import tiny
 from flux_lora.compilation import Compiler, CompileSettings
 from flux_lora.errors import InputError

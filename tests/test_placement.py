@@ -1,12 +1,18 @@
-"""GPU placement: which transformers stay on the device within a budget. The moves themselves
-need a GPU; the decisions and the bookkeeping are checked here, on CPU modules."""
+"""GPU placement: which transformers stay on the device within a budget, and how they move. The
+decisions, the bookkeeping and the flat-buffer moves (CPU to CPU here, in bf16) are checked on
+CPU modules; pinning and the bus need a GPU (the GPU benchmark times a full-size move)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from diffusers import FluxTransformer2DModel
 
-from flux_lora.placement import Residency, evictions, module_bytes
+from bench.gpu_phases import transformer_inputs
+from flux_lora.placement import Residency, evictions
+from flux_lora.tensors import module_bytes
 
 GB = 1024**3
 
@@ -56,3 +62,55 @@ def test_residency_keeps_the_recently_used_within_budget():
     residency.ensure("unknown")  # modules it does not manage are left alone
     with pytest.raises(MemoryError, match="does not fit"):
         residency.make_room(8 * 1024**2)  # fp8 must stay: 2 + 8 > 9
+
+
+def step(transformer: torch.nn.Module) -> torch.Tensor:
+    with torch.inference_mode():
+        return transformer(
+            **transformer_inputs(transformer, torch.device("cpu"), torch.bfloat16, tokens=64, text=8)
+        ).sample
+
+
+def storage_within(tensor: torch.Tensor, flat: torch.Tensor) -> bool:
+    start = flat.untyped_storage().data_ptr()
+    return start <= tensor.untyped_storage().data_ptr() < start + flat.numel()
+
+
+def test_a_transformer_moves_in_one_buffer_and_comes_back_bit_for_bit(tiny_model_dir: Path):
+    transformer = FluxTransformer2DModel.from_pretrained(
+        tiny_model_dir / "FLUX.1-dev" / "transformer", dtype=torch.bfloat16
+    )
+    before = {name: tensor.clone() for name, tensor in transformer.state_dict().items()}
+    output = step(transformer)
+    residency = Residency(torch.device("cpu"), budget=2**62)
+    residency.add("dev", transformer)
+    for _ in range(2):
+        residency.evict("dev")
+        flat = residency.flat["dev"]
+        assert flat.here is None and not flat.home.is_pinned()  # pinned only where CUDA is
+        assert all(storage_within(t, flat.home) for t in transformer.parameters())
+        residency.ensure("dev")
+        assert all(storage_within(t, flat.here) for t in transformer.parameters())  # one buffer, one copy
+    assert [where for _, where, _ in residency.moves] == ["off", "on", "off", "on"]
+    after = transformer.state_dict()
+    assert all(
+        after[name].dtype == torch.bfloat16 and torch.equal(after[name], before[name]) for name in before
+    )
+    assert torch.equal(step(transformer), output)
+
+
+def test_a_module_that_gained_tensors_gets_a_new_layout(tiny_model_dir: Path):
+    """A LoRA adapter loaded while on the device adds tensors: the next move lays them out too."""
+    transformer = FluxTransformer2DModel.from_pretrained(
+        tiny_model_dir / "FLUX.1-dev" / "transformer", dtype=torch.bfloat16
+    )
+    residency = Residency(torch.device("cpu"), budget=2**62)
+    residency.add("dev", transformer)
+    residency.evict("dev")
+    residency.ensure("dev")
+    first = residency.flat["dev"]
+    transformer.time_text_embed.register_buffer("extra", torch.ones(3, dtype=torch.bfloat16))
+    assert first.stale()
+    residency.evict("dev")
+    assert residency.flat["dev"] is not first
+    assert storage_within(transformer.time_text_embed.extra, residency.flat["dev"].home)
