@@ -4,8 +4,8 @@ breaks the rule that everything serves in one dtype.
 `python -m flux_lora inspect` prints this report; a server started with `FLUX_LORA_INSPECT_FILE`
 writes it after setup and after every prediction. The rule (`faults`): every floating-point
 tensor of every module is in the serving dtype, except where transformers keeps a layer in
-float32 on purpose (`_keep_in_fp32_modules`), and every linear weight of a go_fast copy is stored
-in fp8. It exists because a library call cast a whole bf16 load to fp32 once, and nothing on a CPU
+float32 on purpose (`_keep_in_fp32_modules`); every linear weight of a go_fast copy is stored in
+fp8; and each module's tensors are all on one device. It exists because a library call cast a whole bf16 load to fp32 once, and nothing on a CPU
 in fp32 could see it.
 
 Quantized weights are opened (`flux_lora.tensors`): their values count under their storage dtype
@@ -75,8 +75,10 @@ def faults(name: str, module: torch.nn.Module, dtype: torch.dtype) -> list[str]:
     fp8_copy = name.endswith(FP8_SUFFIX)
     kept_fp32 = _kept_in_fp32(module, dtype)
     wrong: dict[str, list[str]] = {}
+    by_device: dict[str, list[str]] = {}
     for stored in stored_tensors(module):
         tensor = stored.tensor
+        by_device.setdefault(str(tensor.device), []).append(stored.name)
         if not tensor.is_floating_point() or not stored.is_value:
             continue
         if stored.quantized:
@@ -98,6 +100,9 @@ def faults(name: str, module: torch.nn.Module, dtype: torch.dtype) -> list[str]:
         ]
         if plain:
             wrong["linear weights not in fp8"] = plain
+    if len(by_device) > 1:  # a module runs on one device: the others are strays (a partial move)
+        for device, names in sorted(by_device.items(), key=lambda item: len(item[1]))[:-1]:
+            wrong[f"on {device}, apart from the rest"] = names
     return [
         f"{name}: {len(names)} tensor(s) {what} (e.g. {names[0]})" for what, names in sorted(wrong.items())
     ]

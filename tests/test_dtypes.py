@@ -147,6 +147,18 @@ def test_the_rule_names_fp8_copies_that_are_not_fp8(tiny_model_dir: Path):
     assert len(found) == 1 and "linear weights not in fp8" in found[0], found
 
 
+def test_the_rule_names_tensors_left_on_another_device(tiny_model_dir: Path):
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_model_dir / "FLUX.1-dev" / "transformer")
+    assert inventory.faults("FLUX.1-dev/transformer", transformer, torch.float32) == []
+    transformer.proj_out.to("meta")  # as a move that stopped half way would leave it
+    found = inventory.faults("FLUX.1-dev/transformer", transformer, torch.float32)
+    assert found == [
+        "FLUX.1-dev/transformer: 2 tensor(s) on meta, apart from the rest (e.g. proj_out.weight)"
+    ]
+
+
 @pytest.mark.parametrize(
     ("value", "device", "expected"),
     [
