@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.gpu import FIGURE_MARK
+from flux_lora.quant import transformer_inputs
 
 PROMPT = "a TOK emoji of a cat"
 DISK_TEST_BYTES = {"full": 4 * 1024**3, "tiny": 64 * 1024**2}
@@ -269,35 +270,6 @@ def phase_warm(bench: Bench) -> None:
     service.predict(bench.request(go_fast=True))
     figure("warm_first_dev_fp8_s", round(time.perf_counter() - started, 3))
     figure("warm_request_compilations", service.pipelines.compilations - after_setup)
-
-
-def transformer_inputs(
-    transformer: torch.nn.Module,
-    device: torch.device,
-    dtype: torch.dtype,
-    *,
-    tokens: int = 1024,
-    text: int = 512,
-    batch: int = 1,
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Random inputs for one transformer step; by default 1024 image tokens (512x512) and 512
-    text tokens (dev's T5 length)."""
-    config = transformer.config
-    generator = torch.Generator("cpu").manual_seed(seed)
-
-    def random(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(device, dtype)
-
-    return dict(
-        hidden_states=random(batch, tokens, config.in_channels),
-        encoder_hidden_states=random(batch, text, config.joint_attention_dim),
-        pooled_projections=random(batch, config.pooled_projection_dim),
-        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
-        img_ids=torch.zeros(tokens, 3, device=device, dtype=dtype),
-        txt_ids=torch.zeros(text, 3, device=device, dtype=dtype),
-        guidance=torch.full((batch,), 3.0, device=device, dtype=dtype) if config.guidance_embeds else None,
-    )
 
 
 def fp8_relative_error(pipelines) -> float:

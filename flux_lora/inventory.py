@@ -5,8 +5,8 @@ breaks the rule that everything serves in one dtype.
 writes it after setup and after every prediction. The rule (`faults`): every floating-point
 tensor of every module is in the serving dtype, except where transformers keeps a layer in
 float32 on purpose (`_keep_in_fp32_modules`); every linear weight of a go_fast copy is stored in
-fp8; and each module's tensors are all on one device. It exists because a library call cast a whole bf16 load to fp32 once, and nothing on a CPU
-in fp32 could see it.
+fp8; and each module's tensors are all on one device. It exists because a library call cast a
+whole bf16 load to fp32 once, and nothing on a CPU in fp32 could see it.
 
 Quantized weights are opened (`flux_lora.tensors`): their values count under their storage dtype
 (fp8), their scales in `bytes` only, so the counts of `dtypes` add up to the parameter count.

@@ -104,20 +104,38 @@ def _has_fp8_matmuls(device: torch.device) -> bool:
 
 def _smoke_test(transformer: torch.nn.Module, dtype: torch.dtype, tokens: int, text: int) -> None:
     """One forward in the serving dtype, so a kernel that cannot run fails here, not in a request."""
-    config = transformer.config
     device = next(transformer.parameters()).device
     with torch.inference_mode():
-        transformer(
-            hidden_states=torch.zeros(1, tokens, config.in_channels, device=device, dtype=dtype),
-            encoder_hidden_states=torch.zeros(
-                1, text, config.joint_attention_dim, device=device, dtype=dtype
-            ),
-            pooled_projections=torch.zeros(1, config.pooled_projection_dim, device=device, dtype=dtype),
-            timestep=torch.ones(1, device=device, dtype=dtype),
-            img_ids=torch.zeros(tokens, 3, device=device, dtype=dtype),
-            txt_ids=torch.zeros(text, 3, device=device, dtype=dtype),
-            guidance=torch.ones(1, device=device, dtype=dtype) if config.guidance_embeds else None,
-        )
+        transformer(**transformer_inputs(transformer, device, dtype, tokens=tokens, text=text))
+
+
+def transformer_inputs(
+    transformer: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    tokens: int = 1024,
+    text: int = 512,
+    batch: int = 1,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random inputs for one transformer step; by default 1024 image tokens (512x512) and 512
+    text tokens (dev's T5 length)."""
+    config = transformer.config
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    return dict(
+        hidden_states=random(batch, tokens, config.in_channels),
+        encoder_hidden_states=random(batch, text, config.joint_attention_dim),
+        pooled_projections=random(batch, config.pooled_projection_dim),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        img_ids=torch.zeros(tokens, 3, device=device, dtype=dtype),
+        txt_ids=torch.zeros(text, 3, device=device, dtype=dtype),
+        guidance=torch.full((batch,), 3.0, device=device, dtype=dtype) if config.guidance_embeds else None,
+    )
 
 
 def _first_line(err: Exception) -> str:

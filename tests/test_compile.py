@@ -18,12 +18,12 @@ import torch
 from diffusers import FluxTransformer2DModel
 from PIL import Image
 
-from bench.gpu_phases import transformer_inputs
 from flux_lora import tiny
 from flux_lora.compilation import Compiler, CompileSettings
 from flux_lora.errors import InputError
 from flux_lora.lora import AdapterSet, WantedAdapter
 from flux_lora.lora_slots import LoraSlots
+from flux_lora.quant import transformer_inputs
 from flux_lora.server import CogServer
 from tests.conftest import NO_SERVICES, becomes_ready, image_data_uri, predict_failed, predict_ok
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from bench.gpu_phases import transformer_inputs
 from flux_lora.placement import Residency, evictions
+from flux_lora.quant import transformer_inputs
 from flux_lora.tensors import module_bytes
 
 GB = 1024**3
