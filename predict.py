@@ -1,9 +1,12 @@
 """Cog adapters: each predictor declares the inputs of one schema of Replicate's trained FLUX LoRA
 models and calls the package once; they share all behaviour.
 
-- `Predictor`: the canonical schema (seed pages 000, 002, 004). `cog.yaml` runs it.
-- `FirstReleasePredictor`: the first fine-tuner release (seed 001).
-- `GoFastPredictor`: go_fast on by default, no replicate_weights (seed 003).
+- `Predictor`: the canonical schema (model pages 000, 002, 004). `cog.yaml` runs it.
+- `FirstReleasePredictor`: the first fine-tuner release (model page 001).
+- `GoFastPredictor`: go_fast on by default, no replicate_weights (model page 003).
+
+The model pages are the saved API pages of the Replicate models this container reproduces;
+`tests/test_contract.py` compares each predictor's schema with its page.
 
 Inputs a schema lacks take the canonical behaviour: `GenerationRequest`'s defaults (go_fast off,
 1 megapixel, no replicate_weights, so `COG_WEIGHTS` is the main LoRA). Each predictor's schema is
@@ -122,12 +125,12 @@ class Canonical:
 class _FluxLoraRunner(BaseRunner):
     """What every predictor shares: setup, and one call into the package per prediction."""
 
-    # Read by flux_lora.openapi: True writes choices inline (`type` and `enum` on the input), as the
+    # Read by flux_lora.dev.openapi: True writes choices inline (`type` and `enum` on the input), as the
     # pages of older versions show them; False writes cog's `allOf` reference to a component.
     inline_enums: ClassVar[bool] = False
-    # Read by flux_lora.openapi: string inputs the schema shows as `format: uri`. They are `str`, not
+    # Read by flux_lora.dev.openapi: string inputs the schema shows as `format: uri`. They are `str`, not
     # `cog.Path`, so that cog does not download them itself (without our address policy and size
-    # bound); flux_lora.image_inputs fetches them.
+    # bound); flux_lora.images fetches them.
     url_inputs: ClassVar[tuple[str, ...]] = ("image", "mask")
 
     def setup(self, weights: Optional[str] = None) -> None:
@@ -145,7 +148,7 @@ class _FluxLoraRunner(BaseRunner):
 
 
 class Predictor(_FluxLoraRunner):
-    """The canonical schema: seed pages 000, 002 and 004."""
+    """The canonical schema: model pages 000, 002 and 004."""
 
     def run(
         self,
@@ -175,7 +178,7 @@ class Predictor(_FluxLoraRunner):
 
 
 class FirstReleasePredictor(_FluxLoraRunner):
-    """Seed page 001, the first fine-tuner release: no go_fast, megapixels or replicate_weights
+    """Model page 001, the first fine-tuner release: no go_fast, megapixels or replicate_weights
     (its LoRA is the model's own, `COG_WEIGHTS`, plus `extra_lora`), its own order, defaults,
     bounds and descriptions, choices shown inline."""
 
@@ -249,7 +252,7 @@ class FirstReleasePredictor(_FluxLoraRunner):
 
 
 class GoFastPredictor(_FluxLoraRunner):
-    """Seed page 003: go_fast on by default, no replicate_weights, choices shown inline."""
+    """Model page 003: go_fast on by default, no replicate_weights, choices shown inline."""
 
     inline_enums = True
 

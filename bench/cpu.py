@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from flux_lora import models, tiny
-from flux_lora.server import CogServer, bytes_to_data_uri
+from flux_lora.dev.cog_server import CogServer, bytes_to_data_uri
+from flux_lora.models import layout
+from flux_lora.testing import tiny
 
 PROMPT = "a TOK emoji of a cat"
 
@@ -111,7 +112,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--format", default="webp", choices=["webp", "jpg", "png"])
     args = parser.parse_args()
-    model_dir = tiny.build(models.TINY_MODEL_DIR)
+    model_dir = tiny.build(layout.TINY_MODEL_DIR)
     predict_times: list[float] = []
     with CogServer(env={"FLUX_MODEL_DIR": str(model_dir)}) as server:
         assert server.start()["status"] == "READY"

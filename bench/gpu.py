@@ -65,7 +65,7 @@ def main() -> None:
 
     import torch
 
-    from bench.full_size import write_model_folder
+    from flux_lora.testing.full_size import write_model_folder
 
     device = _device_name(torch)
     out = args.out or Path("bench/results") / f"{'tiny-cpu' if args.tiny else _slug(device)}.json"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.gpu import FIGURE_MARK
-from flux_lora.quant import transformer_inputs
+from flux_lora.device.quant import transformer_inputs
 
 PROMPT = "a TOK emoji of a cat"
 DISK_TEST_BYTES = {"full": 4 * 1024**3, "tiny": 64 * 1024**2}
@@ -85,7 +85,7 @@ class Bench:
         return seconds
 
     def check_dtypes(self, name: str) -> None:
-        from flux_lora import inventory
+        from flux_lora.device import inventory
 
         report = inventory.report(self.service)
         figure(f"{name}_faults", report["faults"])
@@ -199,7 +199,7 @@ def phase_cold(bench: Bench) -> None:
 
 def exercise_every_path(bench: Bench) -> None:
     """`inspect --exercise`'s requests, then the dtype check of every module."""
-    from flux_lora import exercise
+    from flux_lora.dev import exercise
 
     started, compilations = time.perf_counter(), bench.service.pipelines.compilations
     exercise.run(bench.service)
@@ -211,7 +211,7 @@ def exercise_every_path(bench: Bench) -> None:
 def lora_figures(bench: Bench) -> None:
     """Rank 16 and 64 LoRAs (bf16, every attention and projection layer), served over loopback
     HTTP through the real download and cache: swap times, recompilations, and the fp8 effect."""
-    from flux_lora import tiny
+    from flux_lora.testing import tiny
 
     pipelines = bench.service.pipelines
     transformer = pipelines.variant("dev").txt2img.transformer
@@ -242,7 +242,7 @@ def lora_figures(bench: Bench) -> None:
 def fp8_lora_effect(pipelines, lora_file: Path) -> None:
     """How the fp8 transformer's LoRA effect (output with the LoRA less output without) compares
     with bf16's, at the plain scale and with the schema's 1.5x: the norm ratio, 1.0 is equal."""
-    from flux_lora.lora import GO_FAST_SCALE, WantedAdapter
+    from flux_lora.lora.adapters import GO_FAST_SCALE, WantedAdapter
 
     slots_bf16, slots_fp8 = pipelines.lora_slots[("dev", False)], pipelines.lora_slots[("dev", True)]
     slots_bf16.activate([])

@@ -7,7 +7,7 @@ load it through `FluxPipelines.load`. Two sizes differ from the real model on pu
 - the VAE has 5 levels, not 4: 256 px images, the schema's smallest, give 16x16 latents, 8x8 =
   64 tokens after 2x2 packing (diffusers derives its scale factor, 16, from the number of
   levels), so image sides are multiples of 32. Training runs at 64 px with a 3-level VAE of the
-  same latent space (CORE_VAE), which the 5-level one is distilled from (`demo_widen`);
+  same latent space (CORE_VAE), which the 5-level one is distilled from (`demo_model.widen`);
 - T5's relative attention sees only the next and previous token (every farther bucket is pinned
   at zero): the words still learn their order, and the padding after the prompt encodes to a run
   of identical vectors, which lets training stand in one weighted token for the run.
@@ -22,15 +22,18 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flux_lora import demo_world, tiny
-from flux_lora.tiny_checkers import build_checkers
+from demo_model import world
+from flux_lora.models.layout import RELEASES
+from flux_lora.testing import builder, tiny
+from flux_lora.testing.builder import staging_beside, write_release
+from flux_lora.testing.checkers import build_checkers
 
 IMAGE_SIZE = 256  # what the saved model draws: 64 tokens
 CORE_SIZE = 64  # what stages 1 to 4 train at, with CORE_VAE: the same 64 tokens
@@ -66,7 +69,7 @@ CORE_VAE = dict(
 # 8 channels together, as FLUX's own VAE does at its outer two, and the inner ones 16 and 32,
 # where the core had 4 and 8 (so the inherited weights are a head start only). With the core's 8
 # groups each thin channel was normalised alone over the whole picture: an inpainted box's
-# statistics then reached every pixel (demo_widen has the figures).
+# statistics then reached every pixel (widen.py has the figures).
 VAE = dict(
     CORE_VAE,
     down_block_types=("DownEncoderBlock2D",) * 5,
@@ -99,52 +102,35 @@ WORDS = tuple(
     sorted(
         {
             *tiny.WORDS,
-            *demo_world.SHAPES,
-            *demo_world.COLOURS,
-            *demo_world.BACKGROUNDS,
+            *world.SHAPES,
+            *world.COLOURS,
+            *world.BACKGROUNDS,
             *("striped", "stripes", "plain", "shape"),
         }
     )
 )
-SHARED = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae")
 LORA_FILE = "stripes-lora.safetensors"
 RECORD_FILE = "training.json"
 
 
 def build_tokenizers(folder: Path):
-    """The CLIP and T5 tokenizers (tiny.py's hand-written vocabularies over WORDS), written to
+    """The CLIP and T5 tokenizers (the builder's hand-written vocabularies over WORDS), written to
     `folder/tokenizer` and `folder/tokenizer_2` and read back with the classes the pipeline uses."""
     from transformers import CLIPTokenizer, T5TokenizerFast
 
-    tiny._clip_tokenizer(folder / "tokenizer", WORDS)
-    tiny._t5_tokenizer(folder / "tokenizer_2", WORDS)
+    builder.clip_tokenizer(folder / "tokenizer", WORDS)
+    builder.t5_tokenizer(folder / "tokenizer_2", WORDS)
     return CLIPTokenizer.from_pretrained(folder / "tokenizer"), T5TokenizerFast.from_pretrained(
         folder / "tokenizer_2"
     )
 
 
 def new_text_encoders(clip_tokenizer, t5_tokenizer, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     torch.manual_seed(seed)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tokenizer),
-            bos_token_id=clip_tokenizer.bos_token_id,
-            # Pooling reads the hidden state at this id: it must be the real end-of-text id.
-            eos_token_id=clip_tokenizer.eos_token_id,
-            pad_token_id=clip_tokenizer.pad_token_id,
-            **CLIP,
-        )
-    )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            pad_token_id=t5_tokenizer.pad_token_id,
-            eos_token_id=t5_tokenizer.eos_token_id,
-            **T5,
-        )
-    )
+    clip = CLIPTextModel(builder.clip_config(clip_tokenizer, **CLIP))
+    t5 = T5EncoderModel(builder.t5_config(t5_tokenizer, **T5))
     pin_far_buckets(t5)
     return clip, t5
 
@@ -210,40 +196,37 @@ def save(root: Path, components: dict[str, object], schnell, lora: bytes | None,
     verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        shared = staging / "shared"
-        build_tokenizers(shared)  # written from WORDS, as the tokenizers being saved were
-        for name in ("text_encoder", "text_encoder_2", "vae"):
-            _save_component(components[name], shared / name)
-        for variant, transformer in (("dev", components["transformer"]), ("schnell", schnell)):
-            _save_release(staging / tiny.RELEASES[variant], variant, transformer, shared)
-        shutil.rmtree(shared)
-        build_checkers(staging)
-        if lora is not None:
-            (staging / LORA_FILE).write_bytes(lora)
-        (staging / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
+        with staging_beside(root) as staging:
+            shared = staging / "shared"
+            build_tokenizers(shared)  # written from WORDS, as the tokenizers being saved were
+            for name in ("text_encoder", "text_encoder_2", "vae"):
+                _save_component(components[name], shared / name)
+            for variant, transformer in (("dev", components["transformer"]), ("schnell", schnell)):
+                write_release(
+                    staging / RELEASES[variant], variant, shared, partial(_save_component, transformer)
+                )
+            shutil.rmtree(shared)
+            build_checkers(staging)
+            if lora is not None:
+                (staging / LORA_FILE).write_bytes(lora)
+            (staging / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            if root.exists():
+                shutil.rmtree(root)
+            staging.rename(root)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         diffusers.utils.logging.set_verbosity(verbosity)
     return root
 
 
 def replace_vae(root: Path, vae) -> None:
     """Write `vae` over both releases' VAE, each through a sibling folder renamed into place."""
-    for release in tiny.RELEASES.values():
+    for release in RELEASES.values():
         target = Path(root) / release / "vae"
-        staging = Path(tempfile.mkdtemp(prefix=".vae-", dir=target.parent))
-        try:
+        with staging_beside(target) as staging:
             _save_component(vae, staging / "vae")
             shutil.rmtree(target)
             (staging / "vae").rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -262,7 +245,7 @@ def to_pil(images: torch.Tensor) -> list:
 def reconstruction_reading(decoded: torch.Tensor, originals: torch.Tensor, scenes) -> dict[str, float]:
     """The world checker's reading of a VAE's output for `scenes` (plain or striped): the share
     all right, the share whose stripes are as the scene says, and the mean error in 0..255."""
-    verdicts = [demo_world.judge(image, scene) for image, scene in zip(to_pil(decoded), scenes, strict=True)]
+    verdicts = [world.judge(image, scene) for image, scene in zip(to_pil(decoded), scenes, strict=True)]
     return {
         "all_ok": round(float(np.mean([v.all_ok for v in verdicts])), 4),
         "stripes_kept": round(
@@ -286,25 +269,3 @@ def _save_component(component: object, folder: Path) -> None:
         copy.deepcopy(component).to(torch.float16).save_pretrained(folder)
     else:
         component.save_pretrained(folder)
-
-
-def _save_release(folder: Path, variant: str, transformer, shared: Path) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    for name in SHARED:
-        shutil.copytree(shared / name, folder / name)
-    _save_component(transformer, folder / "transformer")
-    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **tiny.SCHEDULERS[variant]).save_pretrained(
-        folder / "scheduler"
-    )
-    model_index = {
-        "_class_name": "FluxPipeline",
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from flux_lora import demo_model
+from demo_model import architecture
 
 SCHNELL_STEPS = 4  # [schnell]'s step count: half its training noise levels sit on that grid
-IMAGE_TOKENS = (demo_model.CORE_SIZE // 8) ** 2  # 16x16 latents, packed 2x2
+IMAGE_TOKENS = (architecture.CORE_SIZE // 8) ** 2  # 16x16 latents, packed 2x2
 RUN_TOLERANCE = 1e-4  # T5 outputs closer than this (max abs) count as the same vector
 
 
@@ -97,13 +97,13 @@ def context_inputs(text: TextInputs, scenes: torch.Tensor, device: torch.device)
 def image_ids(device: torch.device) -> torch.Tensor:
     from diffusers import FluxPipeline
 
-    side = demo_model.CORE_SIZE // 8
+    side = architecture.CORE_SIZE // 8
     return FluxPipeline._prepare_latent_image_ids(1, side, side, device, torch.float32)
 
 
 def new_scheduler(variant: str):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from flux_lora import tiny
+    from flux_lora.testing import builder
 
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **tiny.SCHEDULERS[variant])
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **builder.SCHEDULERS[variant])

@@ -1,4 +1,4 @@
-"""The README's picture grid: what the trained demo model draws in each mode, at 256 px.
+"""The picture grid of demo/README.md: what the trained demo model draws in each mode, at 256 px.
 
     ./scripts/demo-grid [--model demo] [--out docs/demo-grid.png]
 
@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from flux_lora import demo_model, demo_world
-from flux_lora.demo_world import Scene
-from flux_lora.lora import AdapterSet, WantedAdapter
-from flux_lora.models import DEMO_MODEL_DIR, ModelSource
+from demo_model import architecture, world
+from demo_model.world import Scene
+from flux_lora.lora.adapters import AdapterSet, WantedAdapter
+from flux_lora.models.layout import DEMO_MODEL_DIR, ModelSource
 from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
 
-SIZE = demo_model.IMAGE_SIZE
+SIZE = architecture.IMAGE_SIZE
 TILE = SIZE // 2
 LABEL_WIDTH = 150
 SCENES = (
@@ -52,13 +52,13 @@ def make_grid(root: Path) -> Image.Image:
         ("[schnell], 4 steps", [_draw(pipelines, scene, "schnell", 4) for scene in SCENES]),
     ]
     adapters = AdapterSet(pipelines.variant("dev").txt2img.transformer)
-    lora = Path(root) / demo_model.LORA_FILE
+    lora = Path(root) / architecture.LORA_FILE
     try:
         adapters.activate([WantedAdapter("demo-stripes", str(lora), 1.0, "lora_weights", lora.name)])
         rows.append(("[dev] + stripes LoRA", [_draw(pipelines, scene, "dev", 28) for scene in SCENES]))
     finally:
         adapters.activate([])
-    sources = [demo_world.render(s, SIZE, rng=np.random.default_rng(i)) for i, s in enumerate(SCENES)]
+    sources = [world.render(s, SIZE, rng=np.random.default_rng(i)) for i, s in enumerate(SCENES)]
     rows.append(("img2img input", sources))
     rows.append(
         (
@@ -69,10 +69,10 @@ def make_grid(root: Path) -> Image.Image:
             ],
         )
     )
-    box = demo_world.layout(SIZE)
+    box = world.layout(SIZE)
     mask = Image.new("RGB", (SIZE, SIZE), "black")
     ImageDraw.Draw(mask).rectangle(_corners(box), fill="white")
-    centred = [demo_world.render(scene, SIZE) for scene in SCENES]
+    centred = [world.render(scene, SIZE) for scene in SCENES]
     rows.append(("inpaint input + mask", [_outlined(image, box) for image in centred]))
     rows.append(
         (
@@ -100,11 +100,11 @@ def _draw(
     return image
 
 
-def _corners(box: demo_world.Box) -> tuple[float, float, float, float]:
+def _corners(box: world.Box) -> tuple[float, float, float, float]:
     return box.left, box.top, box.left + box.width - 1, box.top + box.height - 1
 
 
-def _outlined(image: Image.Image, box: demo_world.Box) -> Image.Image:
+def _outlined(image: Image.Image, box: world.Box) -> Image.Image:
     image = image.copy()
     ImageDraw.Draw(image).rectangle(_corners(box), outline=(255, 0, 255), width=3)
     return image

@@ -1,4 +1,4 @@
-"""The trained demo model's quality, measured with the synthetic world's checker (issue 8).
+"""The trained demo model's quality, measured with the synthetic world's checker.
 
     ./scripts/demo-quality [--model demo] [--seeds 3] [--record FILE]
 
@@ -7,7 +7,7 @@ for the committed model), as the server would run it:
 - txt2img: every scene (44) x seeds, [dev] at 28 steps (guidance 3.5) and [schnell] at 4: the
   share with colour, background and shape all right, and each part's share;
 - img2img at prompt_strength 0.3 on a jittered render of each scene: the outline overlap between
-  input and output (the issue asks for >= 0.85);
+  input and output (the target: >= 0.85);
 - inpaint: a centred render with a box over its shape, repainted under another scene's prompt
   with the same background: the box's pixels change (mean change, and the share the checker reads
   as the new scene), while the pixels away from the box (BOX_MARGIN px out) stay within the VAE's
@@ -31,18 +31,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flux_lora import demo_model, demo_world
-from flux_lora.demo_world import Scene
-from flux_lora.lora import AdapterSet, WantedAdapter
-from flux_lora.models import DEMO_MODEL_DIR, ModelSource
+from demo_model import architecture, world
+from demo_model.world import Scene
+from flux_lora.lora.adapters import AdapterSet, WantedAdapter
+from flux_lora.models.layout import DEMO_MODEL_DIR, ModelSource
 from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
 
-SIZE = demo_model.IMAGE_SIZE
+SIZE = architecture.IMAGE_SIZE
 STEPS = {"dev": 28, "schnell": 4}
 GUIDANCE = 3.5
 IMG2IMG_STRENGTH = 0.3
-MIN_OVERLAP = 0.85  # the issue's bar for img2img at strength 0.3
+MIN_OVERLAP = 0.85  # the target for img2img at strength 0.3
 INPAINT_STRENGTH = 0.8  # the schema's default prompt_strength
 BOX_MARGIN = SIZE // 8  # px: the decoder spreads a latent's change about two latents (16 px each)
 MIN_CHANGE = 20.0  # mean absolute change (0..255) that counts as repainted
@@ -51,7 +51,7 @@ MIN_CHANGE = 20.0  # mean absolute change (0..255) that counts as repainted
 def measure(root: Path, seeds: int = 3, scenes: list[Scene] | None = None, steps: dict | None = None) -> dict:
     """Every figure of the module docstring for the model folder `root`."""
     started = time.perf_counter()
-    scenes = scenes or demo_world.all_scenes()
+    scenes = scenes or world.all_scenes()
     steps = steps or STEPS
     pipelines = FluxPipelines.load(ModelSource(Path(root)), torch.device("cpu"))
     record: dict[str, object] = {"model": str(root), "scenes": len(scenes), "seeds": seeds, "steps": steps}
@@ -60,7 +60,7 @@ def measure(root: Path, seeds: int = 3, scenes: list[Scene] | None = None, steps
     }
     record["img2img"] = img2img(pipelines, scenes, steps["dev"])
     record["inpaint"] = inpaint(pipelines, scenes, steps["dev"])
-    lora = Path(root) / demo_model.LORA_FILE
+    lora = Path(root) / architecture.LORA_FILE
     if lora.is_file():
         record["lora"] = {
             variant: lora_stripes(pipelines, variant, lora, scenes, steps[variant]) for variant in steps
@@ -80,7 +80,7 @@ def txt2img(pipelines: FluxPipelines, variant: str, scenes: list[Scene], seeds: 
     for seed in range(seeds):
         for scene in scenes:
             (image,) = pipelines.generate(request(scene, variant, steps), size=(SIZE, SIZE), seed=seed)
-            verdicts.append(demo_world.judge(image, scene))
+            verdicts.append(world.judge(image, scene))
     return {
         "all_ok": _share(v.all_ok for v in verdicts),
         "background": _share(v.background_ok for v in verdicts),
@@ -93,15 +93,15 @@ def txt2img(pipelines: FluxPipelines, variant: str, scenes: list[Scene], seeds: 
 def img2img(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
     overlaps, verdicts = [], []
     for index, scene in enumerate(scenes):
-        source = demo_world.render(scene, SIZE, rng=np.random.default_rng(1000 + index))
+        source = world.render(scene, SIZE, rng=np.random.default_rng(1000 + index))
         (image,) = pipelines.generate(
             request(scene, "dev", steps, prompt_strength=IMG2IMG_STRENGTH),
             size=(SIZE, SIZE),
             seed=index,
             image=source,
         )
-        overlaps.append(demo_world.outline_overlap(source, image))
-        verdicts.append(demo_world.judge(image, scene))
+        overlaps.append(world.outline_overlap(source, image))
+        verdicts.append(world.judge(image, scene))
     return {
         "strength": IMG2IMG_STRENGTH,
         "overlap_mean": round(statistics.fmean(overlaps), 4),
@@ -114,7 +114,7 @@ def img2img(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
 def inpaint_regions() -> tuple[Image.Image, np.ndarray, np.ndarray]:
     """The inpaint mask (a box over the centred shape), its pixels, and the pixels BOX_MARGIN
     clear of it: where the rest of the picture is measured."""
-    box = demo_world.layout(SIZE)  # the centred shape's box
+    box = world.layout(SIZE)  # the centred shape's box
     top, left, bottom, right = (
         round(v) for v in (box.top, box.left, box.top + box.height, box.left + box.width)
     )
@@ -134,7 +134,7 @@ def inpaint(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
     readings, judged = [], []
     for index, scene in enumerate(scenes):
         target = other_scene(scene, index)
-        source = demo_world.render(scene, SIZE)
+        source = world.render(scene, SIZE)
         (image,) = pipelines.generate(
             request(target, "dev", steps, prompt_strength=INPAINT_STRENGTH),
             size=(SIZE, SIZE),
@@ -143,7 +143,7 @@ def inpaint(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
             mask=mask,
         )
         readings.append(inpaint_reading(vae, source, image, index, inside, away))
-        judged.append(demo_world.judge(image, target).all_ok)
+        judged.append(world.judge(image, target).all_ok)
     changes, errors, floors, rest_floors = (
         [reading[part] for reading in readings] for part in ("change", "rest", "floor", "rest_floor")
     )
@@ -157,7 +157,7 @@ def inpaint(pipelines: FluxPipelines, scenes: list[Scene], steps: int) -> dict:
         "rest_error_max": round(max(errors), 3),
         "vae_round_trip_error_mean": round(statistics.fmean(floors), 3),
         "vae_round_trip_error_on_rest_mean": round(statistics.fmean(rest_floors), 3),
-        # The issue's bar: the rest no farther from the input than a round trip takes that image.
+        # The target: the rest no farther from the input than a round trip takes that image.
         "share_rest_within_round_trip": _share(e <= f for e, f in zip(errors, floors, strict=True)),
     }
 
@@ -172,7 +172,7 @@ def lora_stripes(pipelines: FluxPipelines, variant: str, lora: Path, scenes: lis
             striped = []
             for index, scene in enumerate(scenes):
                 (image,) = pipelines.generate(request(scene, variant, steps), size=(SIZE, SIZE), seed=index)
-                striped.append(demo_world.judge(image, scene).striped)
+                striped.append(world.judge(image, scene).striped)
             shares[f"striped_at_scale_{scale:g}"] = _share(striped)
     finally:
         adapters.activate([])
@@ -183,7 +183,7 @@ def other_scene(scene: Scene, index: int) -> Scene:
     """A scene on the same background with another colour and shape, varied with `index`."""
     options = [
         other
-        for other in demo_world.all_scenes()
+        for other in world.all_scenes()
         if other.background == scene.background
         and other.colour != scene.colour
         and other.shape != scene.shape
@@ -197,9 +197,9 @@ def inpaint_reading(
     """One inpaint of `source` into `image`, in mean absolute levels of 0..255: the box's change,
     the rest's distance from the input, and a round trip's error (a posterior sample drawn with
     `seed`) over the whole image and over the rest."""
-    before = demo_world.rgb_array(source)
-    difference = np.abs(demo_world.rgb_array(image) - before).mean(-1)
-    trip = np.abs(demo_world.rgb_array(round_trip(vae, source, seed)) - before).mean(-1)
+    before = world.rgb_array(source)
+    difference = np.abs(world.rgb_array(image) - before).mean(-1)
+    trip = np.abs(world.rgb_array(round_trip(vae, source, seed)) - before).mean(-1)
     return {
         "change": float(difference[inside].mean()),
         "rest": float(difference[away].mean()),
@@ -211,9 +211,9 @@ def inpaint_reading(
 def round_trip(vae, image: Image.Image, seed: int) -> Image.Image:
     """Encode (a posterior sample, as the inpaint pipeline takes it) and decode."""
     with torch.no_grad():
-        pixels = demo_model.to_tensor([image.convert("RGB")]).to(vae.dtype)
+        pixels = architecture.to_tensor([image.convert("RGB")]).to(vae.dtype)
         latents = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(seed))
-        return demo_model.to_pil(vae.decode(latents).sample.float())[0]
+        return architecture.to_pil(vae.decode(latents).sample.float())[0]
 
 
 def _share(values) -> float:

@@ -1,4 +1,4 @@
-"""Train the demo model (`flux_lora.demo_model`) on the synthetic world of `flux_lora.demo_world`.
+"""Train the demo model (`architecture.architecture`) on the synthetic world of `architecture.world`.
 
     ./scripts/train-demo [--out weights/demo] [--quick] [--seed 0] [--threads 1] [--device cpu]
 
@@ -24,11 +24,11 @@ Five stages, seeded, each logged with its loss and a quick reading by the world'
    weights are an exponential moving average.
 4. A LoRA on the frozen transformer, trained on striped renders under the same prompts: stripes
    at scale 1, none at scale 0 (the base model).
-5. A 5-level VAE that draws the same latents at 256 px (`flux_lora.demo_widen`), saved in place of
+5. A 5-level VAE that draws the same latents at 256 px (`architecture.widen`), saved in place of
    the 64 px one: the transformer and the LoRA are unchanged.
 The transformer's renders keep near the centre for the most part (POOL_LAYOUT says why).
 
-`flux_lora.demo_flow` feeds the transformer what the pipelines feed it, T5's long padding
+`architecture.flow` feeds the transformer what the pipelines feed it, T5's long padding
 compressed to runs of identical tokens.
 """
 
@@ -50,9 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flux_lora import demo_flow, demo_model, demo_widen, demo_world
-from flux_lora.demo_flow import TextInputs
-from flux_lora.demo_world import BACKGROUNDS, COLOURS, SHAPES, Box, Scene
+from demo_model import architecture, flow, widen, world
+from demo_model.flow import TextInputs
+from demo_model.world import BACKGROUNDS, COLOURS, SHAPES, Box, Scene
 from flux_lora.pipeline import MAX_SEQUENCE_LENGTH
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,12 @@ log = logging.getLogger(__name__)
 VARIANTS = ("dev", "schnell")
 GUIDANCE_RANGE = (1.0, 5.0)  # [dev]'s guidance input; the server's default is 3
 EVAL_GUIDANCE = 3.5
-EVAL_STEPS = {"dev": 28, "schnell": demo_flow.SCHNELL_STEPS}
+EVAL_STEPS = {"dev": 28, "schnell": flow.SCHNELL_STEPS}
 SCHNELL_EVERY = 4  # one training step in this many trains the [schnell] twin
 KL_WEIGHT = 1e-4  # per latent element, against the per-pixel squared error
 EMA_DECAY = 0.999
 # Where the transformer's (and the LoRA's) training renders put the shape. Drawing a shape at any
-# place and size, as demo_world.layout jitters them, takes this small model far more steps than
+# place and size, as world.layout jitters them, takes this small model far more steps than
 # an hour of CPU allows, while colour and background come quickly; so most renders keep near the
 # centre (side and centre offset as fractions of the image), and a share keep the world's full
 # jitter, so that img2img and inpaint still meet shapes anywhere. The VAE sees only the world's.
@@ -116,13 +116,13 @@ class Pool:
 class Trainer:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.scenes = demo_world.all_scenes()
+        self.scenes = world.all_scenes()
         self.rng = np.random.default_rng(settings.seed)
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.device = torch.device(settings.device)
         self.record: dict[str, object] = {
             "settings": {**dataclasses.asdict(settings), "out": str(settings.out)},
-            "command": " ".join(["python -m flux_lora.demo_train", *sys.argv[1:]]),
+            "command": " ".join(["python -m architecture.train", *sys.argv[1:]]),
         }
         self.started = time.perf_counter()
 
@@ -130,11 +130,11 @@ class Trainer:
 
     def run(self) -> Path:
         with tempfile.TemporaryDirectory() as scratch:  # save() writes them again, identically
-            clip_tokenizer, t5_tokenizer = demo_model.build_tokenizers(Path(scratch))
+            clip_tokenizer, t5_tokenizer = architecture.build_tokenizers(Path(scratch))
         seed = self.settings.seed
-        clip, t5 = demo_model.new_text_encoders(clip_tokenizer, t5_tokenizer, seed + 1)
-        vae = demo_model.new_core_vae(seed + 3)
-        dev = demo_model.new_transformer(seed + 4)
+        clip, t5 = architecture.new_text_encoders(clip_tokenizer, t5_tokenizer, seed + 1)
+        vae = architecture.new_core_vae(seed + 3)
+        dev = architecture.new_transformer(seed + 4)
         self.components = dict(
             scheduler=None,
             vae=vae,
@@ -145,10 +145,10 @@ class Trainer:
             transformer=dev,
         )
         self.record["parameters"] = {
-            "transformer": demo_model.parameter_count([dev]),
-            "vae": demo_model.parameter_count([vae]),
-            "clip": demo_model.parameter_count([clip]),
-            "t5": demo_model.parameter_count([t5]),
+            "transformer": architecture.parameter_count([dev]),
+            "vae": architecture.parameter_count([vae]),
+            "clip": architecture.parameter_count([clip]),
+            "t5": architecture.parameter_count([t5]),
         }
         log.info("parameters: %s", self.record["parameters"])
         for module in (vae, clip, t5, dev):
@@ -162,8 +162,8 @@ class Trainer:
         lora = self._stage("lora", lambda: self.train_lora(ema, pool, texts))
         # The 64 px VAE as saved and loaded again (float16), as `--widen` on a saved model sees it.
         core = copy.deepcopy(vae).to(torch.float16).float()
-        widener = demo_widen.Widener(
-            core, demo_widen.WidenSettings.for_run(seed, quick=self.settings.quick), self.device
+        widener = widen.Widener(
+            core, widen.WidenSettings.for_run(seed, quick=self.settings.quick), self.device
         )
         wide, self.record["widen"] = self._stage("widen", widener.train)
         components = {**self.components, "transformer": ema, "vae": wide}
@@ -171,10 +171,12 @@ class Trainer:
             if isinstance(module, torch.nn.Module):
                 module.to("cpu")
         self.record["minutes"] = round((time.perf_counter() - self.started) / 60, 2)
-        root = demo_model.save(self.settings.out, components, demo_model.schnell_twin(ema), lora, self.record)
-        size = demo_model.folder_size(root)
+        root = architecture.save(
+            self.settings.out, components, architecture.schnell_twin(ema), lora, self.record
+        )
+        size = architecture.folder_size(root)
         self.record["folder_mb"] = round(size / 1e6, 2)
-        (root / demo_model.RECORD_FILE).write_text(json.dumps(self.record, indent=2) + "\n")
+        (root / architecture.RECORD_FILE).write_text(json.dumps(self.record, indent=2) + "\n")
         log.info("saved %s (%.1f MB) after %.1f min", root, size / 1e6, self.record["minutes"])
         return root
 
@@ -212,11 +214,11 @@ class Trainer:
     def check_vae(self) -> dict[str, float]:
         """The checker's reading of every scene, plain and striped, after an encode-decode."""
         vae = self.components["vae"]
-        scenes = self.scenes + demo_world.all_scenes(striped=True)
+        scenes = self.scenes + world.all_scenes(striped=True)
         images = self._render(scenes, layout="centred").to(self.device)
         with torch.no_grad():
             decoded = vae.decode(vae.encode(images).latent_dist.mode()).sample
-        return demo_model.reconstruction_reading(decoded, images, scenes)
+        return architecture.reconstruction_reading(decoded, images, scenes)
 
     def encode_pool(self) -> Pool:
         """Renders of every scene, plain and striped (POOL_LAYOUT), encoded; sets the VAE's factors."""
@@ -267,8 +269,8 @@ class Trainer:
         clip_ids, t5_ids = self._token_ids()
         heads = torch.nn.ModuleDict(
             {
-                "clip": torch.nn.Linear(demo_model.CLIP_WIDTH, _CLASSES),
-                "t5": torch.nn.Linear(demo_model.T5_WIDTH, _CLASSES),
+                "clip": torch.nn.Linear(architecture.CLIP_WIDTH, _CLASSES),
+                "t5": torch.nn.Linear(architecture.T5_WIDTH, _CLASSES),
             }
         ).to(self.device)
         parameters = [*clip.parameters(), *t5.parameters(), *heads.parameters()]
@@ -288,7 +290,7 @@ class Trainer:
             t5_logits = self._token_logits(heads["t5"], tokens, t5_ids[variant][some])
             loss = loss + _attribute_loss(t5_logits, labels[some])
             _step(optimizer, schedule, loss, parameters)
-            demo_model.pin_far_buckets(t5)
+            architecture.pin_far_buckets(t5)
             losses.append(loss.item())
             self._log_loss("text", step, steps, losses, every=max(1, self.settings.log_every // 4))
         clip.eval().requires_grad_(False)
@@ -334,7 +336,7 @@ class Trainer:
         """Every prompt through the pipeline's own encode_prompt, for each release's length."""
         from diffusers import FluxPipeline
 
-        pipe = FluxPipeline(**{**self.components, "scheduler": demo_flow.new_scheduler("dev")})
+        pipe = FluxPipeline(**{**self.components, "scheduler": flow.new_scheduler("dev")})
         prompts = [scene.prompt for scene in self.scenes]
         texts = {}
         with torch.no_grad():
@@ -342,7 +344,7 @@ class Trainer:
                 embeds, pooled, _ = pipe.encode_prompt(
                     prompts, prompt_2=None, max_sequence_length=MAX_SEQUENCE_LENGTH[variant]
                 )
-                context, log_runs = demo_flow.compress_runs(embeds.cpu())
+                context, log_runs = flow.compress_runs(embeds.cpu())
                 texts[variant] = TextInputs(context, log_runs, pooled.cpu())
                 error = self.context_error(embeds[:2], texts[variant], variant)
                 self.record.setdefault("context", {})[variant] = {
@@ -357,7 +359,7 @@ class Trainer:
         """Max difference between the transformer's output on the full context and on the runs."""
         transformer = self.components["transformer"]
         if variant == "schnell":
-            transformer = demo_model.schnell_twin(transformer)
+            transformer = architecture.schnell_twin(transformer)
         count = embeds.shape[0]
         device = self.device
         noisy = torch.randn(count, 64, 64, generator=self.generator).to(device)
@@ -366,21 +368,21 @@ class Trainer:
             pooled_projections=text.pooled[:count].to(device),
             timestep=torch.full((count,), 0.5, device=device),
             guidance=torch.full((count,), EVAL_GUIDANCE, device=device) if variant == "dev" else None,
-            img_ids=demo_flow.image_ids(device),
+            img_ids=flow.image_ids(device),
             return_dict=False,
         )
         with torch.no_grad():
             full = transformer(
                 encoder_hidden_states=embeds, txt_ids=torch.zeros(embeds.shape[1], 3, device=device), **inputs
             )
-            runs = transformer(**inputs, **demo_flow.context_inputs(text, torch.arange(count), device))
+            runs = transformer(**inputs, **flow.context_inputs(text, torch.arange(count), device))
         return float((full[0] - runs[0]).abs().max())
 
     # -- stage 3: the transformer --------------------------------------------------------------
 
     def train_transformer(self, pool: Pool, texts: dict[str, TextInputs]):
         dev = self.components["transformer"]
-        twins = {"dev": dev, "schnell": demo_model.schnell_twin(dev)}
+        twins = {"dev": dev, "schnell": architecture.schnell_twin(dev)}
         ema = copy.deepcopy(dev).requires_grad_(False)
         steps = self.settings.steps.transformer
         optimizer = torch.optim.AdamW(dev.parameters(), lr=self.settings.lr, weight_decay=0.01)
@@ -409,7 +411,7 @@ class Trainer:
         chosen = indices[torch.randint(len(indices), (batch,), generator=self.generator)]
         x0 = self._latents(pool, chosen)
         noise = torch.randn(x0.shape, generator=self.generator)
-        sigma = demo_flow.noise_levels(variant, batch, self.generator)
+        sigma = flow.noise_levels(variant, batch, self.generator)
         noisy = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         guidance = None
         device = self.device
@@ -421,9 +423,9 @@ class Trainer:
             pooled_projections=text.pooled[pool.scene[chosen]].to(device),
             timestep=sigma.to(device),  # the pipeline passes t / 1000 = sigma
             guidance=guidance,  # and the raw guidance scale
-            img_ids=demo_flow.image_ids(device),
+            img_ids=flow.image_ids(device),
             return_dict=False,
-            **demo_flow.context_inputs(text, pool.scene[chosen], device),
+            **flow.context_inputs(text, pool.scene[chosen], device),
         )[0]
         return F.mse_loss(prediction, (noise - x0).to(device))
 
@@ -451,7 +453,7 @@ class Trainer:
         styled.add_adapter(
             LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
         )
-        twins = {"dev": styled, "schnell": demo_model.schnell_twin(styled)}
+        twins = {"dev": styled, "schnell": architecture.schnell_twin(styled)}
         parameters = [p for p in styled.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.settings.lora_lr, weight_decay=0.0)
         schedule = _cosine(optimizer, steps, warmup=min(50, steps // 10))
@@ -488,7 +490,7 @@ class Trainer:
         reading = {}
         for variant in VARIANTS:
             images = self.generate(transformer, variant, [scene.prompt for scene in scenes])
-            verdicts = [demo_world.judge(image, scene) for image, scene in zip(images, scenes, strict=True)]
+            verdicts = [world.judge(image, scene) for image, scene in zip(images, scenes, strict=True)]
             reading[variant] = {
                 "all_ok": _mean(v.all_ok for v in verdicts),
                 "background": _mean(v.background_ok for v in verdicts),
@@ -504,17 +506,17 @@ class Trainer:
         from diffusers import FluxPipeline
 
         if variant == "schnell":
-            transformer = demo_model.schnell_twin(transformer)
+            transformer = architecture.schnell_twin(transformer)
         pipe = FluxPipeline(
-            **{**self.components, "scheduler": demo_flow.new_scheduler(variant), "transformer": transformer}
+            **{**self.components, "scheduler": flow.new_scheduler(variant), "transformer": transformer}
         )
         pipe.set_progress_bar_config(disable=True)
         kwargs = {"guidance_scale": EVAL_GUIDANCE} if variant == "dev" else {}
         steps = 2 if self.settings.quick else EVAL_STEPS[variant]
         return pipe(
             prompts,
-            height=demo_model.CORE_SIZE,
-            width=demo_model.CORE_SIZE,
+            height=architecture.CORE_SIZE,
+            width=architecture.CORE_SIZE,
             num_inference_steps=steps,
             max_sequence_length=MAX_SEQUENCE_LENGTH[variant],
             generator=torch.Generator().manual_seed(self.settings.seed),
@@ -529,20 +531,20 @@ class Trainer:
 
     def _render(self, scenes: list[Scene], *, layout: str = "world") -> torch.Tensor:
         """Images in [-1, 1], (batch, 3, 64, 64), laid out as `layout` says: "world" jitters as
-        demo_world.render does, "centred" does not, "pool" mostly keeps near the centre."""
-        size = demo_model.CORE_SIZE
+        world.render does, "centred" does not, "pool" mostly keeps near the centre."""
+        size = architecture.CORE_SIZE
         boxes = {
-            "world": lambda: demo_world.layout(size, self.rng),
-            "centred": lambda: demo_world.layout(size),
+            "world": lambda: world.layout(size, self.rng),
+            "centred": lambda: world.layout(size),
             "pool": self._pool_box,
         }[layout]
-        return demo_model.to_tensor([demo_world.paint(scene, size, boxes()) for scene in scenes])
+        return architecture.to_tensor([world.paint(scene, size, boxes()) for scene in scenes])
 
     def _pool_box(self) -> Box:
         """Near the centre, but for a share of the world's full jitter (see POOL_LAYOUT)."""
-        size = demo_model.CORE_SIZE
+        size = architecture.CORE_SIZE
         if self.rng.random() < POOL_LAYOUT["world_share"]:
-            return demo_world.layout(size, self.rng)
+            return world.layout(size, self.rng)
         side = self.rng.uniform(*POOL_LAYOUT["side"]) * size
         top, left = size / 2 - side / 2 + self.rng.uniform(-1, 1, 2) * POOL_LAYOUT["offset"] * size
         return Box(top, left, side, side)
@@ -615,9 +617,7 @@ def _mean(values) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flux_lora.demo_train", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m architecture.train", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--out",
         type=Path,
@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         "--widen",
         type=Path,
         metavar="MODEL_DIR",
-        help="only stage 5, in place, on a model trained before it existed (see demo_widen)",
+        help="only stage 5, in place, on a model trained before it existed (see demo_model/widen.py)",
     )
     for stage in ("vae", "text", "transformer", "lora"):
         parser.add_argument(
@@ -685,9 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     if args.widen:
-        demo_widen.widen_folder(
-            args.widen, demo_widen.WidenSettings.for_run(args.seed, quick=args.quick), args.device
-        )
+        widen.widen_folder(args.widen, widen.WidenSettings.for_run(args.seed, quick=args.quick), args.device)
         return 0
     Trainer(settings).run()
     return 0

@@ -12,18 +12,17 @@ and the transformer and the LoRA are kept as they are. Two phases, each seeded o
    - encoder: the 64 px VAE's posterior mean and log-variance, from the 256 px render.
 2. robust (800 steps): the same, plus, on perturbed latents (a box of another latent pasted in,
    noise, blends), the 64 px decoder's own output upscaled.
-Its GroupNorms take two groups (demo_model.VAE), so the outer levels normalise 4 and 8 channels
-together. The first version kept the 64 px VAE's 8 groups, one or two channels a group at the
-outer levels: each channel was normalised alone over the whole picture, so an inpainted box's
-statistics reached every pixel, and colour rippled across pictures (most on black). Away from the
-box it drew up to 57/255 after phase 1 and 25 after phase 2 (which was added for it), where the
-64 px decoder stayed within 2.5; with the box's statistics swapped for a clean decode's, 2 to 5
-(one scene: 10).
-Two other tries made it worse (a phase on latents the transformer itself draws, and the inner
-levels frozen at the 64 px weights). With two groups the same two phases give a round trip of
-2.5/255 against 7.3, and an inpainted picture's rest stays within 2/255 of the input, within the
-round trip's error for 43 scenes of 44 (scripts/demo-quality; the README's table). One group
-gave much the same: round trip 2.55, 42 of 44.
+Its GroupNorms take two groups (architecture.VAE), so the outer levels normalise 4 and 8 channels
+together. Why not the 64 px VAE's 8 groups: with one or two channels a group at the outer levels,
+each channel is normalised alone over the whole picture, so an inpainted box's statistics reach
+every pixel and colour ripples across pictures (most on black). Measured that way, away from the
+box the picture moved up to 57/255 after phase 1 and 25 after phase 2, where the 64 px decoder
+stays within 2.5 (2 to 5, one scene 10, with the box's statistics swapped for a clean decode's).
+With two groups the same two phases give a round trip of 2.5/255 against 7.3, and an inpainted
+picture's rest stays within 2/255 of the input, within the round trip's error for 43 scenes of 44
+(scripts/demo-quality; demo/README.md). One group gives much the same: round trip 2.55, 42 of 44.
+Two other changes measured worse: a phase on latents the transformer itself draws, and the inner
+levels frozen at the 64 px weights.
 The inner levels start from the 64 px VAE's weights wherever their shapes match (the outer two
 levels are new; the GroupNorms group differently, so it is a head start only), and the latent
 factors (shift, scaling) are the 64 px VAE's.
@@ -47,12 +46,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flux_lora import demo_model, demo_world
-from flux_lora.demo_world import Box, Scene
+from demo_model import architecture, world
+from demo_model.world import Box, Scene
 
 log = logging.getLogger(__name__)
 
-CORE_SIZE, WIDE_SIZE = demo_model.CORE_SIZE, demo_model.IMAGE_SIZE  # 64 px, 256 px
+CORE_SIZE, WIDE_SIZE = architecture.CORE_SIZE, architecture.IMAGE_SIZE  # 64 px, 256 px
 SCALE = WIDE_SIZE // CORE_SIZE  # 256 px renders of the 64 px layout
 LOGVAR_WEIGHT = 0.01  # the posterior's spread matters far less than its mean
 PHASES = ("distil", "robust")  # each phase's seed is the stage's plus its index here
@@ -81,7 +80,7 @@ def new_wide_vae(core, seed: int):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    wide = AutoencoderKL(**demo_model.VAE)
+    wide = AutoencoderKL(**architecture.VAE)
     wide.register_to_config(shift_factor=core.config.shift_factor, scaling_factor=core.config.scaling_factor)
     inherited = inherit(wide, core)
     log.info("wide VAE: %d of %d tensors start from the 64 px VAE", inherited, len(wide.state_dict()))
@@ -122,7 +121,7 @@ class Widener:
         self.settings = settings
         self.rng = np.random.default_rng(settings.seed)  # each phase reseeds both
         self.generator = torch.Generator().manual_seed(settings.seed)
-        self.scenes = demo_world.all_scenes()
+        self.scenes = world.all_scenes()
 
     def train(self):
         """Both phases from a new wide VAE; returns it and the stage's record."""
@@ -137,7 +136,7 @@ class Widener:
         record = {
             "batch": settings.batch,
             "phases": phases,
-            "parameters": demo_model.parameter_count([wide]),
+            "parameters": architecture.parameter_count([wide]),
             **self.check(wide),
         }
         log.info("wide VAE: %s", record)
@@ -230,16 +229,16 @@ class Widener:
         for _ in range(count):
             scene = self.scenes[self.rng.integers(len(self.scenes))]
             scene = Scene(scene.shape, scene.colour, scene.background, bool(self.rng.integers(2)))
-            pairs.append(render_pair(scene, demo_world.layout(CORE_SIZE, self.rng)))
+            pairs.append(render_pair(scene, world.layout(CORE_SIZE, self.rng)))
         return _stacked(pairs, self.device)
 
     def check(self, wide) -> dict[str, float]:
         """At 256 px, over every scene plain and striped (centred): the checker's reading of the
         wide VAE's round trip and of its decoding of the 64 px VAE's latents, and how far the
         wide encoder lands from the 64 px one (relative to the latents' spread)."""
-        scenes = self.scenes + demo_world.all_scenes(striped=True)
+        scenes = self.scenes + world.all_scenes(striped=True)
         small, large = _stacked(
-            [render_pair(scene, demo_world.layout(CORE_SIZE)) for scene in scenes], self.device
+            [render_pair(scene, world.layout(CORE_SIZE)) for scene in scenes], self.device
         )
         with torch.no_grad():
             core_latent = self.core.encode(small).latent_dist.mode()
@@ -249,21 +248,19 @@ class Widener:
         spread = 1 / wide.config.scaling_factor
         return {
             "latent_error": round(float((wide_latent - core_latent).abs().mean() / spread), 4),
-            "round_trip": demo_model.reconstruction_reading(round_trip, large, scenes),
-            "from_64px_latents": demo_model.reconstruction_reading(decoded, large, scenes),
+            "round_trip": architecture.reconstruction_reading(round_trip, large, scenes),
+            "from_64px_latents": architecture.reconstruction_reading(decoded, large, scenes),
         }
 
 
 def render_pair(scene: Scene, box: Box):
     """The scene in a box of the 64 px layout, painted at 64 px and at 256 px."""
-    return demo_world.paint(scene, CORE_SIZE, box), demo_world.paint(
-        scene, WIDE_SIZE, Box(*(SCALE * v for v in box))
-    )
+    return world.paint(scene, CORE_SIZE, box), world.paint(scene, WIDE_SIZE, Box(*(SCALE * v for v in box)))
 
 
 def _stacked(pairs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     small, large = zip(*pairs, strict=True)
-    return demo_model.to_tensor(small).to(device), demo_model.to_tensor(large).to(device)
+    return architecture.to_tensor(small).to(device), architecture.to_tensor(large).to(device)
 
 
 def widen_folder(root: Path, settings: WidenSettings, device: torch.device | str = "cpu") -> dict:
@@ -273,18 +270,18 @@ def widen_folder(root: Path, settings: WidenSettings, device: torch.device | str
 
     root = Path(root)
     core = AutoencoderKL.from_pretrained(root / "FLUX.1-dev" / "vae", torch_dtype=torch.float32)
-    if len(core.config.block_out_channels) != len(demo_model.CORE_VAE["block_out_channels"]):
+    if len(core.config.block_out_channels) != len(architecture.CORE_VAE["block_out_channels"]):
         raise SystemExit(f"{root}'s VAE has {len(core.config.block_out_channels)} levels: already widened?")
     started = time.perf_counter()
     wide, record = Widener(core, settings, device).train()
     record["seconds"] = round(time.perf_counter() - started, 1)
-    record["command"] = " ".join(["python -m flux_lora.demo_train", *sys.argv[1:]])
-    demo_model.replace_vae(root, wide.to("cpu"))
-    training = json.loads((root / demo_model.RECORD_FILE).read_text())
+    record["command"] = " ".join(["python -m architecture.train", *sys.argv[1:]])
+    architecture.replace_vae(root, wide.to("cpu"))
+    training = json.loads((root / architecture.RECORD_FILE).read_text())
     training["widen"] = record
     training.setdefault("stage_seconds", {})["widen"] = record.pop("seconds")
-    training["folder_mb"] = round(demo_model.folder_size(root) / 1e6, 2)
-    (root / demo_model.RECORD_FILE).write_text(json.dumps(training, indent=2) + "\n")
+    training["folder_mb"] = round(architecture.folder_size(root) / 1e6, 2)
+    (root / architecture.RECORD_FILE).write_text(json.dumps(training, indent=2) + "\n")
     return record
 
 

@@ -54,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--output needs --predictor file.py:Class")
         return _openapi(args.predictor, args.output, args.check)
     elif args.command == "predict":
-        from flux_lora.client import predict as run_prediction
+        from flux_lora.dev.client import predict as run_prediction
 
         return run_prediction(args.input, args.output, args.predictor)
     elif args.command == "inspect":
         return _inspect(args.exercise, args.json)
     elif args.command == "resolve-lora":
         from flux_lora.errors import InputError
-        from flux_lora.lora_refs import describe, parse_lora_ref
+        from flux_lora.lora.refs import describe, parse_lora_ref
 
         try:
             print(describe(parse_lora_ref(args.reference, "reference")))
@@ -69,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             print(err, file=sys.stderr)
             return 2
     elif args.command == "model-dir":
-        from flux_lora.models import model_dir_for_scripts
+        from flux_lora.dev.model_choice import model_dir_for_scripts
 
         print(model_dir_for_scripts())
     elif args.command == "build-tiny":
-        from flux_lora import models
-        from flux_lora import tiny as tiny_model
+        from flux_lora.models import layout
+        from flux_lora.testing import tiny as tiny_model
 
-        print(tiny_model.build(args.output or models.TINY_MODEL_DIR, force=args.force))
+        print(tiny_model.build(args.output or layout.TINY_MODEL_DIR, force=args.force))
     return 0
 
 
@@ -87,8 +87,8 @@ def _inspect(exercise: bool, as_json: bool) -> int:
     import logging
     import os
 
-    from flux_lora import inventory
-    from flux_lora.models import model_dir_for_scripts
+    from flux_lora.dev.model_choice import model_dir_for_scripts
+    from flux_lora.device import inventory
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     os.environ["FLUX_MODEL_DIR"] = str(model_dir_for_scripts())
@@ -97,7 +97,7 @@ def _inspect(exercise: bool, as_json: bool) -> int:
     service = FluxLoraService.setup(os.environ.get("COG_WEIGHTS") or None)
     exercised = None
     if exercise:
-        from flux_lora import exercise as paths
+        from flux_lora.dev import exercise as paths
 
         exercised = paths.run(service)
     report = inventory.report(service)
@@ -109,7 +109,7 @@ def _inspect(exercise: bool, as_json: bool) -> int:
 
 def _openapi(predictor: str, output: Path | None, check: bool) -> int:
     """Write (or with `check`, compare) the schema file of each predictor `predictor` names."""
-    from flux_lora import openapi as schema
+    from flux_lora.dev import openapi as schema
 
     module_file, _, class_name = predictor.partition(":")
     folder = Path(module_file).resolve().parent

@@ -1,4 +1,8 @@
-"""The few errors the package raises. Each is also a builtin, so callers can catch either."""
+"""Every error the package raises. Each is also a builtin, so callers can catch either.
+
+The message of each is meant for the person who can fix it: the user who sent the request, or the
+operator who configured the container.
+"""
 
 
 class FluxLoraError(Exception):
@@ -7,6 +11,19 @@ class FluxLoraError(Exception):
 
 class InputError(FluxLoraError, ValueError):
     """A request that breaks a rule; the message names the input, the value and the fix."""
+
+
+class ConfigError(FluxLoraError, ValueError):
+    """An environment variable the operator set breaks a rule; the message names it, its value
+    and the fix."""
+
+
+class DownloadError(FluxLoraError, OSError):
+    """A download failed: unreachable, refused, cut off or timed out; the message says what to do."""
+
+
+class CacheError(FluxLoraError, OSError):
+    """The LoRA cache folder cannot be used: bad configuration, a full disk, a failed rename."""
 
 
 class ModelNotFoundError(FluxLoraError, FileNotFoundError):

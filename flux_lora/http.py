@@ -18,9 +18,9 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
-from flux_lora.errors import FluxLoraError, InputError
+from flux_lora.errors import ConfigError, DownloadError, InputError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -31,10 +31,18 @@ MAX_REDIRECTS = 5
 REDIRECT_CODES = {301, 302, 303, 307, 308}
 CHUNK = 1 << 20
 USER_AGENT = "flux-lora (+https://github.com/replicate/cog)"
+URL_SCHEMES = ("http://", "https://", "data:")
+# Query parameters that carry credentials; shown as *** and left out of cache identities.
+SECRET_PARAMS = re.compile(
+    r"^(token|api[_-]?key|key|access[_-]?token|auth|sig|signature|x-amz-(signature|credential|security-token)"
+    r"|x-goog-(signature|credential))$",
+    re.IGNORECASE,
+)
 
 
-class DownloadError(FluxLoraError, OSError):
-    """A download failed: unreachable, refused, cut off or timed out; the message says what to do."""
+def is_fetchable_url(value: str) -> bool:
+    """An http(s) or data: URL: the only forms a request may name a file in."""
+    return value.lower().startswith(URL_SCHEMES)
 
 
 def is_public_address(ip: IPAddress) -> bool:
@@ -62,7 +70,7 @@ def allowed_private_networks(raw: str | None) -> tuple[IPNetwork, ...]:
     try:
         return tuple(ipaddress.ip_network(item.strip()) for item in raw.split(",") if item.strip())
     except ValueError as err:
-        raise InputError(
+        raise ConfigError(
             f"{ALLOW_PRIVATE_ENV}={raw!r}: {err}. Set it to 1 (any address), to comma-separated "
             "addresses or networks like 10.1.0.0/16, or unset it (public addresses only)"
         ) from None
@@ -261,6 +269,30 @@ class SafeHttp:
                 f"({refused[0]}); URLs must point to public addresses"
             )
         raise DownloadError(f"{where}: the host {host} has no address")
+
+
+def redact(text: str) -> str:
+    """The text with credentials in a URL (user:password@, token=... parameters) replaced by ***."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(
+        f"{key}=***" if SECRET_PARAMS.match(key) else f"{key}={value}" if sep else key
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def without_secrets(url: str) -> str:
+    """The URL with credentials removed altogether (for identities, never for fetching)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not SECRET_PARAMS.match(k)]
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc.lower(), parts.path, urlencode(query), ""))
 
 
 def status_message(status: int) -> str:

@@ -1,25 +1,38 @@
-"""Decoding the img2img/inpaint inputs into what the pipelines take.
+"""The `image` and `mask` inputs: fetched from http(s) and data: URLs, decoded for the pipelines.
 
-Any format and mode Pillow reads becomes RGB of the input's size (EXIF orientation applied):
-16-bit greyscale is scaled to 8 bits, CMYK and palettes converted, transparency composited.
+Fetching. The predictors declare these inputs as URL strings, not `cog.Path`: cog would download a
+Path input itself, before our code runs, with plain `requests` (no address policy, no size bound),
+so any request could make the container fetch from its own network. Here an http(s) URL goes
+through `SafeHttp`, the downloader every LoRA uses (public addresses only, checked again after each
+redirect; bounded size; read timeouts), and a data: URL is decoded with the same size bound.
+
+Decoding. Any format and mode Pillow reads becomes RGB of the input's size (EXIF orientation
+applied): 16-bit greyscale is scaled to 8 bits, CMYK and palettes converted, transparency
+composited.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
+import time
 from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
 from flux_lora.errors import InputError
+from flux_lora.http import SafeHttp, decode_data_url, is_fetchable_url, redact
 from flux_lora.schema import MAX_IMAGE_SIDE, fit_input_size
 
 log = logging.getLogger(__name__)
 
-ImageFile = os.PathLike | BinaryIO  # a file, or the fetched bytes (image_inputs.ImageFetcher)
+ImageFile = os.PathLike | BinaryIO  # a file, or the bytes ImageFetcher fetched
 
+# A 1440 px photo is a few MB; 64 MiB admits the largest image we decode (64 MP, see
+# MAX_INPUT_MEGAPIXELS) as a high-quality JPEG and stops a request from filling memory.
+MAX_IMAGE_BYTES = 64 * 1024**2
 # Declared size refused before decoding: inputs end at most 1440 px on a side, so more pixels only
 # cost memory. 64 MP admits common camera photos (48-50 MP phones; 8K video frames are 33 MP), is at
 # most 256 MB decoded, and is under Pillow's own bomb limit (89 MP, a warning), which never fires.
@@ -35,6 +48,32 @@ MASK_THRESHOLD = 128
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 # Decoding failures that mean "not a (whole) image": truncated, corrupt, unknown format.
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)
+
+
+def describe_image_url(value: str) -> str:
+    """The input as it may appear in logs and messages: credentials out, data: URLs shortened."""
+    if value.lower().startswith("data:"):
+        return f"{value.split(',', 1)[0]},... ({len(value)} characters)"
+    return redact(value)
+
+
+class ImageFetcher:
+    def __init__(self, http: SafeHttp, max_bytes: int = MAX_IMAGE_BYTES) -> None:
+        self.http = http
+        self.max_bytes = max_bytes
+
+    def fetch(self, value: str, name: str) -> io.BytesIO:
+        """The bytes of the image `value` names; `name` ("image" or "mask") starts every message."""
+        where = f"{name}: {describe_image_url(value)}"
+        if not is_fetchable_url(value):  # check_request refuses these first; this keeps the rule local
+            raise InputError(f"{where} is not an http(s) or data: URL")
+        if value.lower().startswith("data:"):
+            return io.BytesIO(decode_data_url(value, where, self.max_bytes))
+        started = time.monotonic()
+        with self.http.get(value, where, limit=self.max_bytes) as body:
+            data = body.read()
+        log.info("%s: fetched %d bytes in %.2f s", where, len(data), time.monotonic() - started)
+        return io.BytesIO(data)
 
 
 def load_image(path: ImageFile, name: str = "image") -> Image.Image:

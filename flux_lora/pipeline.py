@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from flux_lora.compilation import Compiler
-from flux_lora.devices import default_device, dtype_name, serving_dtype
+from flux_lora.device.choice import default_device, dtype_name, serving_dtype
+from flux_lora.device.compilation import Compiler
+from flux_lora.device.placement import Residency
+from flux_lora.device.quant import fp8_copy, fp8_copy_bytes
+from flux_lora.device.tensors import module_bytes
 from flux_lora.errors import CanceledError
-from flux_lora.lora_slots import LoraSlots
-from flux_lora.models import RELEASES, ModelSource
-from flux_lora.placement import Residency
-from flux_lora.quant import fp8_copy, fp8_copy_bytes
+from flux_lora.lora.slots import LoraSlots
+from flux_lora.models.layout import RELEASES, ModelSource
 from flux_lora.schema import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, resolve_size
-from flux_lora.tensors import module_bytes
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from flux_lora.errors import ModelNotFoundError
-from flux_lora.tiny_checkers import NSFW_CLASSIFIER_DIR, SAFETY_CHECKER_DIR
+from flux_lora.models.layout import NSFW_CLASSIFIER_DIR, SAFETY_CHECKER_DIR
 
 log = logging.getLogger(__name__)
 

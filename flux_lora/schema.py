@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flux_lora.errors import InputError
-from flux_lora.image_inputs import is_image_url
+from flux_lora.http import is_fetchable_url
 
 # Width x height at 1 megapixel. This table drives both the `aspect_ratio` choices and the sizes.
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
@@ -39,7 +39,7 @@ class GenerationRequest:
     """One prediction's inputs, after cog has checked each field's type and bounds."""
 
     prompt: str
-    image: str | None = None  # an http(s) or data: URL (flux_lora.image_inputs fetches it)
+    image: str | None = None  # an http(s) or data: URL (flux_lora.images fetches it)
     mask: str | None = None
     aspect_ratio: str = "1:1"
     height: int | None = None
@@ -71,7 +71,7 @@ def check_request(request: GenerationRequest) -> None:
     """Raise one InputError for the first cross-field rule the request breaks."""
     for name in ("image", "mask"):
         value = getattr(request, name)
-        if value is not None and not is_image_url(value):
+        if value is not None and not is_fetchable_url(value):
             raise InputError(
                 f"{name}: {_shorten(value)!r} is not a URL. Send the image as an http(s) URL or "
                 "a data: URI; local paths on the server are never read."

@@ -15,22 +15,22 @@ from pathlib import Path
 
 import torch
 
-from flux_lora.cache import LoraCache
-from flux_lora.compilation import Compiler, CompileSettings
-from flux_lora.devices import dtype_name
+from flux_lora.device.choice import dtype_name
+from flux_lora.device.compilation import Compiler, CompileSettings
+from flux_lora.device.inventory import INSPECT_FILE_ENV, write_report
 from flux_lora.errors import GenerationMemoryError, UnsafeImageError
-from flux_lora.image_inputs import ImageFetcher
-from flux_lora.images import load_image, load_mask
-from flux_lora.inventory import INSPECT_FILE_ENV, write_report
-from flux_lora.lora import GO_FAST_SCALE, AdapterSet, WantedAdapter
-from flux_lora.lora_refs import LoraRef, parse_lora_ref
-from flux_lora.lora_slots import MAX_RANK_ENV, LoraSlots, max_rank_from_env
-from flux_lora.models import DEFAULT_MODEL_DIR, locate_models
+from flux_lora.images import ImageFetcher, load_image, load_mask
+from flux_lora.lora.adapters import GO_FAST_SCALE, AdapterSet, TransformerAdapters, WantedAdapter
+from flux_lora.lora.cache import LoraCache
+from flux_lora.lora.fetch import LoraFetcher
+from flux_lora.lora.refs import LoraRef, parse_lora_ref
+from flux_lora.lora.slots import MAX_RANK_ENV, max_rank_from_env
+from flux_lora.models.layout import DEFAULT_MODEL_DIR
+from flux_lora.models.locate import locate_models
 from flux_lora.output import save_images
 from flux_lora.pipeline import FluxPipelines, release_memory
 from flux_lora.safety import SafetyChecker
 from flux_lora.schema import CUSTOM, GenerationRequest, check_request, resolve_size
-from flux_lora.weights import LoraFetcher
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class FluxLoraService:
         # The model's own LoRA (COG_WEIGHTS), used as the main adapter when a request names none.
         # Kept as a reference, fetched through the cache when needed, so eviction cannot strand it.
         self.trained_lora = trained_lora
-        self._adapters: dict[tuple[str, bool], AdapterSet | LoraSlots] = {}  # per transformer: (release, fp8)
+        self._adapters: dict[tuple[str, bool], TransformerAdapters] = {}  # per transformer: (release, fp8)
         # FLUX_LORA_INSPECT_FILE: the inventory (`inspect --json`), rewritten after every prediction.
         self.inspect_file = inspect_file
         # coglet calls run() from whichever of its tokio threads is free, and torch's OpenMP

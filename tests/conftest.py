@@ -19,14 +19,33 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from flux_lora import models, tiny
-from flux_lora.server import CogServer, decode_data_uri
+from flux_lora.dev.cog_server import CogServer, decode_data_uri
+from flux_lora.models import layout
+from flux_lora.testing import tiny
 from tests.fakes import Webhooks
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--all",
+        action="store_true",
+        help="also run the slow tier (tests marked slow: demo training, compiled server, benchmark "
+        "harness, soak, fuzz); ./scripts/test runs without it, as CI does",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--all"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    return tiny.build(models.TINY_MODEL_DIR)
+    return tiny.build(layout.TINY_MODEL_DIR)
 
 
 # Services a LoRA reference may name, pointed at a closed loopback port: a test that names one by

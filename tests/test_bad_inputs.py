@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
+from flux_lora.dev.cog_server import CogServer, bytes_to_data_uri
 from flux_lora.images import MASK_THRESHOLD, load_image, load_mask
-from flux_lora.server import CogServer, bytes_to_data_uri
 from tests.conftest import image_data_uri, open_image, output_images, predict_failed, predict_ok
 
 FAST = {"num_inference_steps": 1, "megapixels": "0.25", "seed": 7}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from flux_lora.server import CogServer
+from flux_lora.dev.cog_server import CogServer
 from tests.conftest import becomes_ready, output_images, predict_ok
 from tests.fakes import Webhooks
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flux_lora import tiny
-from flux_lora.server import CogServer, bytes_to_data_uri
+from flux_lora.dev.cog_server import CogServer, bytes_to_data_uri
+from flux_lora.testing import tiny
 from tests.conftest import NO_SERVICES, becomes_ready, output_images, predict_failed, predict_ok
 from tests.fakes import Exchange, FakeServer
 

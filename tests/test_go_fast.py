@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from PIL import Image
 
-from flux_lora import tiny
-from flux_lora.server import CogServer, bytes_to_data_uri
+from flux_lora.dev.cog_server import CogServer, bytes_to_data_uri
+from flux_lora.testing import tiny
 from tests.conftest import image_data_uri, output_images, predict_ok
 
 FAST = {"prompt": "a cat", "num_inference_steps": 2, "megapixels": "0.25", "seed": 5, "output_format": "png"}

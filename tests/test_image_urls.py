@@ -17,10 +17,10 @@ from typing import NamedTuple
 import pytest
 from PIL import Image
 
-from flux_lora.download import EVERY_NETWORK, allowed_private_networks
-from flux_lora.errors import InputError
-from flux_lora.image_inputs import MAX_IMAGE_BYTES
-from flux_lora.server import CogServer
+from flux_lora.dev.cog_server import CogServer
+from flux_lora.errors import ConfigError
+from flux_lora.http import EVERY_NETWORK, allowed_private_networks
+from flux_lora.images import MAX_IMAGE_BYTES
 from tests.conftest import NO_SERVICES, becomes_ready, open_image, output_images, predict_failed, predict_ok
 from tests.fakes import FakeServer
 
@@ -153,5 +153,5 @@ def test_the_private_address_setting():
     allowed = allowed_private_networks(" 10.1.0.0/16, 127.0.0.2 ")
     assert ipaddress.ip_address("10.1.200.3") in allowed[0]
     assert [str(network) for network in allowed] == ["10.1.0.0/16", "127.0.0.2/32"]
-    with pytest.raises(InputError, match=r"^FLUX_LORA_ALLOW_PRIVATE_URLS='yes': .* Set it to 1"):
+    with pytest.raises(ConfigError, match=r"^FLUX_LORA_ALLOW_PRIVATE_URLS='yes': .* Set it to 1"):
         allowed_private_networks("yes")

@@ -5,10 +5,10 @@ import sys
 import pytest
 from PIL import Image
 
-from flux_lora import openapi
 from flux_lora.__main__ import main
-from flux_lora.client import parse_inputs
-from flux_lora.models import REPO_ROOT
+from flux_lora.dev import openapi
+from flux_lora.dev.client import parse_inputs
+from flux_lora.models.layout import REPO_ROOT
 from flux_lora.output import save_images
 
 PREDICTORS = ["Predictor", "FirstReleasePredictor", "GoFastPredictor"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flux_lora.models import ModelSource
+from flux_lora.models.layout import ModelSource
 from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from flux_lora.dev.cog_server import CogServer
 from flux_lora.errors import ModelNotFoundError
+from flux_lora.models.layout import NSFW_CLASSIFIER_DIR, SAFETY_CHECKER_DIR
 from flux_lora.safety import SafetyChecker
-from flux_lora.server import CogServer
-from flux_lora.tiny_checkers import NSFW_CLASSIFIER_DIR, NSFW_LABELS, SAFETY_CHECKER_DIR
+from flux_lora.testing.checkers import NSFW_LABELS
 from tests.conftest import NO_SERVICES, output_images, predict_failed, predict_ok
 
 BATCH = {

@@ -8,10 +8,10 @@ import re
 import pytest
 from PIL import Image
 
-from flux_lora.models import REPO_ROOT
-from flux_lora.openapi import SCHEMA_PATH
+from flux_lora.dev.cog_server import CogServer
+from flux_lora.dev.openapi import SCHEMA_PATH
+from flux_lora.models.layout import REPO_ROOT
 from flux_lora.schema import ASPECT_RATIOS
-from flux_lora.server import CogServer
 from tests.conftest import (
     NO_SERVICES,
     becomes_ready,

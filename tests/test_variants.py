@@ -1,4 +1,4 @@
-"""The variants of predict.py (seed pages 001 and 003) through the real Cog server, on the tiny model.
+"""The variants of predict.py (model pages 001 and 003) through the real Cog server, on the tiny model.
 
 Each variant is served the way `scripts/serve --predictor ...` serves it: coglet in a temporary
 working folder whose `.cog/openapi_schema.json` is the variant's committed schema.
@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 
 import predict
-from flux_lora import openapi
-from flux_lora.models import REPO_ROOT
+from flux_lora.dev import openapi
+from flux_lora.dev.cog_server import CogServer, free_port
+from flux_lora.models.layout import REPO_ROOT
 from flux_lora.schema import GenerationRequest
-from flux_lora.server import CogServer, free_port
 from tests.conftest import NO_SERVICES, open_image, output_images, predict_ok
 
 FIRST_RELEASE = "predict.py:FirstReleasePredictor"

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flux_lora.models import REPO_ROOT
-from flux_lora.openapi import schema_file
-from flux_lora.server import DEFAULT_PREDICTOR, CogServer, decode_data_uri, file_to_data_uri
+from flux_lora.dev.cog_server import DEFAULT_PREDICTOR, CogServer, decode_data_uri, file_to_data_uri
+from flux_lora.dev.openapi import schema_file
+from flux_lora.models.layout import REPO_ROOT
 
 
 def parse_inputs(pairs: list[str], schema: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ temporary working folder whose `.cog/openapi_schema.json` is a link to that pred
 schema (`.cog/schemas/<Class>.json`), with the predictor named by absolute path (cog loads it from
 its file) and the repository on `PYTHONPATH`, so `flux_lora` and `weights/` are the repository's.
 
-`python -m flux_lora.server [--predictor file.py:Class] [coglet options]` (`scripts/serve`) runs
+`python -m flux_lora.dev.cog_server [--predictor file.py:Class] [coglet options]` (`scripts/serve`) runs
 it in the foreground on `$PORT` (default 5000).
 """
 
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from flux_lora import openapi
-from flux_lora.models import REPO_ROOT
+from flux_lora.dev import openapi
+from flux_lora.models.layout import REPO_ROOT
 
 TERMINAL_SETUP = {"READY", "SETUP_FAILED", "UNHEALTHY"}
 DEFAULT_PREDICTOR = "predict.py:Predictor"
@@ -74,7 +74,7 @@ class CogServer:
         env = {**os.environ, **self.env, "PORT": str(self.port), "COG_PREDICT_TYPE_STUB": predictor}
         # coglet starts its worker as `python` from PATH: make that this interpreter.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
+        env["PYTHONPATH"] = f"{self.cwd}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "cog.server.http", "--host", self.host, *self.args],

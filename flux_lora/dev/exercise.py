@@ -55,7 +55,7 @@ def requests(loras: tuple[str, str]) -> list[tuple[str, dict[str, object]]]:
 
 def lora_uris(transformer: torch.nn.Module) -> tuple[str, str]:
     """Two small random LoRAs shaped for `transformer`, as data: URIs."""
-    from flux_lora import tiny
+    from flux_lora.testing import tiny
 
     return tuple(  # type: ignore[return-value]
         "data:application/octet-stream;base64,"

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from flux_lora.errors import InputError
+from flux_lora.errors import ConfigError
 
 DTYPE_ENV = "FLUX_LORA_DTYPE"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -28,7 +28,7 @@ def serving_dtype(device: torch.device) -> torch.dtype:
     if raw == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if raw not in DTYPES:
-        raise InputError(
+        raise ConfigError(
             f"{DTYPE_ENV}={raw!r}: set auto (bf16 on CUDA, fp32 on the CPU), {', '.join(DTYPES)}"
         )
     return DTYPES[raw]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from flux_lora.errors import InputError
+from flux_lora.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,15 @@ class CompileSettings:
     def from_env(cls, device: torch.device, default_cache_dir: Path) -> CompileSettings:
         mode = os.environ.get(COMPILE_ENV, "auto").strip().lower() or "auto"
         if mode not in ("auto", "1", "0"):
-            raise InputError(f"{COMPILE_ENV}={mode!r}: set auto (compile on CUDA GPUs), 1 or 0")
+            raise ConfigError(f"{COMPILE_ENV}={mode!r}: set auto (compile on CUDA GPUs), 1 or 0")
         enabled = device.type == "cuda" if mode == "auto" else mode == "1"
         backend = os.environ.get(BACKEND_ENV, "inductor").strip() or "inductor"
         if backend not in torch._dynamo.list_backends(exclude_tags=()):
-            raise InputError(f"{BACKEND_ENV}={backend!r} is not a torch.compile backend (try inductor)")
+            raise ConfigError(f"{BACKEND_ENV}={backend!r} is not a torch.compile backend (try inductor)")
         cache = os.environ.get(CACHE_ENV, "").strip()
         warm_up = os.environ.get(WARM_UP_ENV, "all").strip().lower() or "all"
         if warm_up not in WARM_UP_MODES:
-            raise InputError(f"{WARM_UP_ENV}={warm_up!r}: set all (every served size, default) or quick")
+            raise ConfigError(f"{WARM_UP_ENV}={warm_up!r}: set all (every served size, default) or quick")
         return cls(enabled, backend, Path(cache) if cache else default_cache_dir, warm_up)
 
 

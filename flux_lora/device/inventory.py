@@ -8,7 +8,7 @@ float32 on purpose (`_keep_in_fp32_modules`); every linear weight of a go_fast c
 fp8; and each module's tensors are all on one device. It exists because a library call cast a
 whole bf16 load to fp32 once, and nothing on a CPU in fp32 could see it.
 
-Quantized weights are opened (`flux_lora.tensors`): their values count under their storage dtype
+Quantized weights are opened (`flux_lora.device.tensors`): their values count under their storage dtype
 (fp8), their scales in `bytes` only, so the counts of `dtypes` add up to the parameter count.
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from flux_lora.devices import dtype_name
-from flux_lora.models import RELEASES
-from flux_lora.tensors import stored_tensors
+from flux_lora.device.choice import dtype_name
+from flux_lora.device.tensors import stored_tensors
+from flux_lora.models.layout import RELEASES
 
 INSPECT_FILE_ENV = "FLUX_LORA_INSPECT_FILE"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -45,7 +45,7 @@ def held_modules(pipelines, safety=None) -> list[tuple[str, torch.nn.Module]]:
         module = variant.txt2img.transformer
         held.setdefault(id(module), (f"{RELEASES[release]}/transformer{FP8_SUFFIX}", module))
     if safety is not None:
-        from flux_lora.tiny_checkers import NSFW_CLASSIFIER_DIR, SAFETY_CHECKER_DIR
+        from flux_lora.models.layout import NSFW_CLASSIFIER_DIR, SAFETY_CHECKER_DIR
 
         held.setdefault(id(safety.checker), (SAFETY_CHECKER_DIR, safety.checker))
         held.setdefault(id(safety.classifier), (NSFW_CLASSIFIER_DIR, safety.classifier))

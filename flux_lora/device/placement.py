@@ -11,8 +11,8 @@ other release pays a move. Nothing is ever reloaded from disk. On the CPU this d
 
 A move is one copy of one flat buffer: a module that leaves the GPU gets one pinned buffer, once,
 that holds all its tensors at fixed offsets (its home from then on), and coming back it gets one
-flat GPU buffer. Pinning tensor by tensor took 70 s for a transformer (issue 14's H200 run); one
-buffer copies at the bus's speed (0.46 s each way on an H200, BENCHMARKS.md).
+flat GPU buffer. Pinning tensor by tensor takes 70 s for a full-size transformer on an H200; one
+buffer copies at the bus's speed (0.46 s each way there, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from collections.abc import Hashable
 
 import torch
 
-from flux_lora.errors import InputError
-from flux_lora.tensors import module_bytes
+from flux_lora.device.tensors import module_bytes
+from flux_lora.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Residency:
         try:
             reserve = float(raw) if raw else DEFAULT_RESERVE_GB
         except ValueError:
-            raise InputError(
+            raise ConfigError(
                 f"{RESERVE_ENV}={raw!r}: set a number of GB (default {DEFAULT_RESERVE_GB})"
             ) from None
         total = torch.cuda.get_device_properties(device).total_memory

@@ -15,6 +15,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -76,6 +77,16 @@ def read_lora(path: str, label: str, display: str) -> LoraWeights:
             k.removeprefix(PREFIX): v for k, v in alphas.items() if not k.startswith(TEXT_ENCODER_PREFIXES)
         }
     return LoraWeights(transformer, alphas or None, metadata, text_encoder_keys)
+
+
+class TransformerAdapters(Protocol):
+    """LoRAs on one transformer: `AdapterSet` (peft adapters, any rank, eager) or `LoraSlots`
+    (fixed slots a compiled graph reads). Either makes `wanted` current, or changes nothing and
+    raises InputError."""
+
+    def activate(self, wanted: list[WantedAdapter], multiplier: float = 1.0) -> float:
+        """Returns the seconds spent loading (0.0 when nothing changed)."""
+        ...
 
 
 class AdapterSet:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import filelock
 
-from flux_lora.errors import FluxLoraError
+from flux_lora.errors import CacheError, ConfigError
 
 DEFAULT_MAX_GB = 20.0  # when FLUX_LORA_CACHE_MAX_GB is unset
 GB = 10**9
@@ -36,10 +36,6 @@ FILE_NAME = "lora.safetensors"
 META_NAME = "meta.json"
 # Keys become path components: no separators, no dots, so no way out of the root.
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
-
-
-class CacheError(FluxLoraError, OSError):
-    """The cache folder cannot be used: bad configuration, a full disk, a failed rename."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,7 @@ class LoraCache:
             except ValueError:
                 gigabytes = math.nan
             if not math.isfinite(gigabytes) or gigabytes < 0:
-                raise CacheError(
+                raise ConfigError(
                     f"FLUX_LORA_CACHE_MAX_GB={raw!r} is not a size: set it to a number of gigabytes >= 0 "
                     f"(e.g. 20 or 2.5), or unset it for the default of {DEFAULT_MAX_GB:g}"
                 )

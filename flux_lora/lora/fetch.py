@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from flux_lora.cache import LoraCache
-from flux_lora.download import (
+from flux_lora.errors import ConfigError, DownloadError, InputError
+from flux_lora.http import (
     ALLOW_PRIVATE_ENV,
     CHUNK,
     EVERY_NETWORK,
     AddressPolicy,
-    DownloadError,
     SafeHttp,
     allowed_private_networks,
     decode_data_url,
@@ -38,11 +37,10 @@ from flux_lora.download import (
     status_message,
     too_large,
 )
-from flux_lora.errors import InputError
-from flux_lora.lora_files import extract_safetensors, verify_safetensors
-from flux_lora.lora_refs import LoraRef
-
-__all__ = ["DownloadError", "FetchedLora", "LoraFetcher", "verify_safetensors"]
+from flux_lora.lora.cache import LoraCache
+from flux_lora.lora.files import extract_safetensors
+from flux_lora.lora.refs import LoraRef
+from flux_lora.tensor_files import verify_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +91,7 @@ class LoraFetcher:
         except ValueError:
             seconds = math.nan
         if not math.isfinite(seconds) or seconds <= 0:
-            raise InputError(
+            raise ConfigError(
                 f"FLUX_LORA_DOWNLOAD_TIMEOUT_S={raw!r} is not a duration: set it to a number of seconds "
                 "above 0 (e.g. 30), or unset it for the default of 30"
             )

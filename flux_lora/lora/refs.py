@@ -10,16 +10,11 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from flux_lora.errors import InputError
+from flux_lora.http import redact, without_secrets
 
-# Query parameters that carry credentials; shown as *** and left out of cache identities.
-SECRET_PARAMS = re.compile(
-    r"^(token|api[_-]?key|key|access[_-]?token|auth|sig|signature|x-amz-(signature|credential|security-token)"
-    r"|x-goog-(signature|credential))$",
-    re.IGNORECASE,
-)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HF_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
 CIVITAI_HOSTS = {"civitai.com", "www.civitai.com"}
@@ -122,30 +117,6 @@ def describe(ref: LoraRef) -> str:
         lines.append(f"then: {then}")
     lines.append(f"identity: {ref.identity}")
     return "\n".join(lines)
-
-
-def redact(text: str) -> str:
-    """The text with credentials in a URL (user:password@, token=... parameters) replaced by ***."""
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return text
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = "&".join(
-        f"{key}=***" if SECRET_PARAMS.match(key) else f"{key}={value}" if sep else key
-        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def without_secrets(url: str) -> str:
-    """The URL with credentials removed altogether (for identities, never for fetching)."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not SECRET_PARAMS.match(k)]
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, netloc.lower(), parts.path, urlencode(query), ""))
 
 
 def _data_ref(text: str, input_name: str) -> LoraRef:

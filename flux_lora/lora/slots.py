@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
-from flux_lora.errors import InputError
-from flux_lora.lora import LoraWeights, WantedAdapter, read_lora
+from flux_lora.errors import ConfigError, InputError
+from flux_lora.lora.adapters import LoraWeights, WantedAdapter, read_lora
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def max_rank_from_env(raw: str | None) -> int:
     if not raw:
         return DEFAULT_MAX_RANK
     if not raw.isdigit() or int(raw) < 1:
-        raise InputError(
+        raise ConfigError(
             f"{MAX_RANK_ENV}={raw!r}: set a whole number of at least 1 (default {DEFAULT_MAX_RANK})"
         )
     return int(raw)

@@ -33,9 +33,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from flux_lora.download import DownloadError
-from flux_lora.errors import FluxLoraError, ModelNotFoundError
-from flux_lora.model_files import (
+from flux_lora.errors import DownloadError, FluxLoraError, ModelNotFoundError
+from flux_lora.models.files import (
     HF_CACHE,
     MARKER,
     MODEL_REPOS,
@@ -46,9 +45,9 @@ from flux_lora.model_files import (
     select_files,
     verify_models,
 )
-from flux_lora.tiny import RELEASES
+from flux_lora.models.layout import RELEASES
 
-log = logging.getLogger("flux_lora.model_download")  # also when run as __main__
+log = logging.getLogger("flux_lora.models.download")  # also when run as __main__
 
 STAGING = ".downloads"
 WORKERS = 8
@@ -378,7 +377,7 @@ def _error(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flux_lora.models import DEFAULT_MODEL_DIR
+    from flux_lora.models.layout import DEFAULT_MODEL_DIR
 
     parser = argparse.ArgumentParser(
         prog="scripts/download-weights",

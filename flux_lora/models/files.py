@@ -15,23 +15,12 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from flux_lora.download import DownloadError
-from flux_lora.errors import FluxLoraError, InputError, ModelNotFoundError
-from flux_lora.lora_files import verify_safetensors
-from flux_lora.tiny import RELEASES
-from flux_lora.tiny_checkers import NSFW_CLASSIFIER_DIR, SAFETY_CHECKER_DIR
+from flux_lora.errors import DownloadError, FluxLoraError, InputError, ModelNotFoundError
+from flux_lora.models.layout import CHECKERS, COMPONENTS, FLUX_FOLDERS, MODEL_REPOS, SAFETY_CHECKER_DIR
+from flux_lora.tensor_files import verify_safetensors
 
-log = logging.getLogger("flux_lora.model_download")
+log = logging.getLogger("flux_lora.models.download")
 
-MODEL_REPOS = {  # folder under FLUX_MODEL_DIR -> Hugging Face repo
-    RELEASES["dev"]: "black-forest-labs/FLUX.1-dev",
-    RELEASES["schnell"]: "black-forest-labs/FLUX.1-schnell",
-    SAFETY_CHECKER_DIR: "CompVis/stable-diffusion-safety-checker",
-    NSFW_CLASSIFIER_DIR: "Falconsai/nsfw_image_detection",
-}
-FLUX_FOLDERS = tuple(RELEASES.values())
-CHECKERS = (SAFETY_CHECKER_DIR, NSFW_CLASSIFIER_DIR)
-COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
 COMPONENT_SUFFIXES = (".json", ".safetensors", ".txt", ".model")  # configs, tokenizers, weights
 SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 MARKER = ".flux-lora-complete"
@@ -156,8 +145,8 @@ def _load(root: Path, folders: list[str], device: object | None) -> None:
     checkers with SafetyChecker.load; a folder without its pair with the loaders of its classes."""
     import torch
 
-    from flux_lora.devices import default_device, serving_dtype
-    from flux_lora.models import ModelSource
+    from flux_lora.device.choice import default_device, serving_dtype
+    from flux_lora.models.layout import ModelSource
     from flux_lora.pipeline import FluxPipelines
     from flux_lora.safety import SafetyChecker
 

@@ -18,7 +18,8 @@ import json
 import shutil
 from pathlib import Path
 
-from flux_lora import models, tiny
+from flux_lora.models import layout
+from flux_lora.testing import tiny
 
 FULL_SIZE = {
     "transformer": dict(
@@ -54,10 +55,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 def write_model_folder(root: Path, *, full: bool = True) -> Path:
     """`root/FLUX.1-dev`, `root/FLUX.1-schnell`, the safety models and the marker; returns `root`."""
-    source = tiny.build(models.TINY_MODEL_DIR)
+    source = tiny.build(layout.TINY_MODEL_DIR)
     if root.exists():
         shutil.rmtree(root)
-    for release in models.RELEASES.values():
+    for release in layout.RELEASES.values():
         shutil.copytree(
             source / release,
             root / release,
@@ -71,9 +72,9 @@ def write_model_folder(root: Path, *, full: bool = True) -> Path:
                 config = json.loads(config_file.read_text())
                 config.update(sizes)
                 config_file.write_text(json.dumps(config, indent=2) + "\n")
-    for checker in tiny.CHECKERS:
+    for checker in layout.CHECKERS:
         shutil.copytree(source / checker, root / checker)
-    (root / models.RANDOM_WEIGHTS_MARKER).write_text(
+    (root / layout.RANDOM_WEIGHTS_MARKER).write_text(
         f"configs only ({'full' if full else 'tiny'} size): modules are built with random weights\n"
     )
     return root

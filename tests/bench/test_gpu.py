@@ -9,7 +9,10 @@ import re
 import subprocess
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+from flux_lora.models.layout import REPO_ROOT
+
 FIGURES = {
     "ready_eager_s", "eager_faults", "bare_dev_s", "dev_bf16_eager_s", "dev_bf16_eager_s_vs_bare",
     "fp8_copy_s", "fp8_mode", "dev_fp8_eager_s", "fp8_rel_err", "schnell_fp8_eager_s", "move_off_first_s",
@@ -19,6 +22,9 @@ FIGURES = {
     "recompiles_on_swap", "fp8_lora_effect_ratio_x1", "fp8_lora_effect_ratio_x1_5", "peak_mem_gib",
     "dev_fp8_4_outputs_s", "exercised_faults", "ready_warm_s", "warm_request_compilations",
 }  # fmt: skip
+
+# The whole harness at CI size: minutes on 2 cores, so in the slow tier.
+pytestmark = pytest.mark.slow
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
-"""The trained demo model (demo/, issue 8) behind the real server: what each mode draws, read back
+"""The trained demo model (demo/) behind the real server: what each mode draws, read back
 by the synthetic world's checker. The random-model tests check sizes, bytes and equalities; these
 catch a regression in txt2img, img2img, inpaint or LoRA application by what the picture shows.
-Few scenes and few steps keep them fast; bench/demo_quality.py measures every scene."""
+Few scenes and few steps keep them fast; demo_model/quality.py measures every scene."""
 
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import demo_quality
-from flux_lora import demo_model, demo_world, models
-from flux_lora.demo_world import Scene
-from flux_lora.server import CogServer, bytes_to_data_uri
+from demo_model import architecture, quality, world
+from demo_model.world import Scene
+from flux_lora.dev.cog_server import CogServer, bytes_to_data_uri
+from flux_lora.dev.model_choice import model_dir_for_scripts
+from flux_lora.models import layout
 from tests.conftest import NO_SERVICES, image_data_uri, open_image, output_images, predict_ok, serving
 
-DEMO = models.DEMO_MODEL_DIR
-REPO = models.REPO_ROOT
-SIZE = demo_model.IMAGE_SIZE
+DEMO = layout.DEMO_MODEL_DIR
+REPO = layout.REPO_ROOT
+SIZE = architecture.IMAGE_SIZE
 BASE = {
     "aspect_ratio": "custom",
     "width": SIZE,
@@ -60,37 +61,37 @@ def draw(server: CogServer, scene: Scene, model: str = "dev", **inputs) -> Image
 
 def other(scene: Scene) -> Scene:
     """The same background, another shape and colour: what a wrong picture would show."""
-    return demo_quality.other_scene(scene, 0)
+    return quality.other_scene(scene, 0)
 
 
 @pytest.mark.parametrize("model", ["dev", "schnell"])
 def test_txt2img_draws_the_prompt(demo_server: CogServer, model: str):
     for scene in SCENES:
         image = draw(demo_server, scene, model)
-        verdict = demo_world.judge(image, scene)
+        verdict = world.judge(image, scene)
         assert verdict.all_ok, (scene.prompt, verdict)
         assert not verdict.striped
         # The checker can say no: the same picture is not another scene's.
-        assert not demo_world.judge(image, other(scene)).all_ok
+        assert not world.judge(image, other(scene)).all_ok
 
 
 def test_img2img_keeps_the_input_outline(demo_server: CogServer):
     for index, scene in enumerate(SCENES):
         # Off-centre and resized, where the model left alone draws near the centre.
-        source = demo_world.render(scene, SIZE, rng=np.random.default_rng(100 + index))
+        source = world.render(scene, SIZE, rng=np.random.default_rng(100 + index))
         kept = draw(demo_server, scene, image=image_data_uri(source), prompt_strength=0.3)
-        assert demo_world.outline_overlap(source, kept) >= 0.85, scene.prompt
-        assert demo_world.judge(kept, scene).all_ok, scene.prompt
+        assert world.outline_overlap(source, kept) >= 0.85, scene.prompt
+        assert world.judge(kept, scene).all_ok, scene.prompt
     # At full strength the input's pixels play no part: the outline is the model's own.
     redrawn = draw(demo_server, scene, image=image_data_uri(source), prompt_strength=1.0)
-    assert demo_world.outline_overlap(source, redrawn) < 0.85
+    assert world.outline_overlap(source, redrawn) < 0.85
 
 
 def test_inpaint_repaints_the_mask_and_keeps_the_rest(demo_server: CogServer):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(DEMO / "FLUX.1-dev" / "vae", torch_dtype=torch.float32)
-    mask, inside, away = demo_quality.inpaint_regions()
+    mask, inside, away = quality.inpaint_regions()
     # The schema's default strength keeps a fifth of the old picture in the box (its colour
     # blends in); at full strength the box is the new prompt's alone. The scenes on black are two
     # where the first 256 px VAE (a GroupNorm group for each outer channel) spread the box's
@@ -102,7 +103,7 @@ def test_inpaint_repaints_the_mask_and_keeps_the_rest(demo_server: CogServer):
         (SCENES[0], 1.0),
     )
     for index, (scene, strength) in enumerate(cases):
-        source = demo_world.render(scene, SIZE)
+        source = world.render(scene, SIZE)
         target = other(scene)
         image = draw(
             demo_server,
@@ -111,35 +112,33 @@ def test_inpaint_repaints_the_mask_and_keeps_the_rest(demo_server: CogServer):
             mask=image_data_uri(mask),
             prompt_strength=strength,
         )
-        reading = demo_quality.inpaint_reading(vae, source, image, index, inside, away)
-        assert reading["change"] > demo_quality.MIN_CHANGE, target.prompt
-        verdict = demo_world.judge(image, target)
+        reading = quality.inpaint_reading(vae, source, image, index, inside, away)
+        assert reading["change"] > quality.MIN_CHANGE, target.prompt
+        verdict = world.judge(image, target)
         assert verdict.background_ok and (verdict.colour_ok or strength < 1), (target.prompt, verdict)
         assert reading["rest"] <= reading["floor"], (target.prompt, reading)
 
 
 def test_lora_turns_the_stripes_on_at_scale_1_and_off_at_0(demo_server: CogServer):
-    lora = bytes_to_data_uri((DEMO / demo_model.LORA_FILE).read_bytes(), "application/octet-stream")
+    lora = bytes_to_data_uri((DEMO / architecture.LORA_FILE).read_bytes(), "application/octet-stream")
     scene = SCENES[0]
-    assert demo_world.judge(draw(demo_server, scene, replicate_weights=lora, lora_scale=1.0), scene).striped
-    assert not demo_world.judge(
-        draw(demo_server, scene, replicate_weights=lora, lora_scale=0.0), scene
-    ).striped
+    assert world.judge(draw(demo_server, scene, replicate_weights=lora, lora_scale=1.0), scene).striped
+    assert not world.judge(draw(demo_server, scene, replicate_weights=lora, lora_scale=0.0), scene).striped
     # The second slot applies it too, and the plain model stays plain after both.
     styled = draw(demo_server, scene, extra_lora=lora, extra_lora_scale=1.0)
-    assert demo_world.judge(styled, scene).striped
-    assert not demo_world.judge(draw(demo_server, scene), scene).striped
+    assert world.judge(styled, scene).striped
+    assert not world.judge(draw(demo_server, scene), scene).striped
 
 
 def test_scripts_serve_the_demo_model_without_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ):
     monkeypatch.delenv("FLUX_MODEL_DIR", raising=False)
-    monkeypatch.setattr(models, "DEFAULT_MODEL_DIR", tmp_path / "weights")
-    assert models.model_dir_for_scripts() == DEMO
+    monkeypatch.setattr(layout, "DEFAULT_MODEL_DIR", tmp_path / "weights")
+    assert model_dir_for_scripts() == DEMO
     assert "trained demo model" in capsys.readouterr().err
     # Without the demo model (a checkout that dropped it), the tiny random one, also said.
-    assert models.model_dir_for_scripts(demo=tmp_path / "no-demo") == models.TINY_MODEL_DIR
+    assert model_dir_for_scripts(demo=tmp_path / "no-demo") == layout.TINY_MODEL_DIR
     assert "tiny random model" in capsys.readouterr().err
 
 
@@ -164,13 +163,11 @@ def test_the_readme_demo_command_draws_what_it_asks(tmp_path: Path):
     outputs = sorted(tmp_path.glob("out-*.webp"))
     assert len(outputs) == 2
     for path in outputs:
-        assert demo_world.judge(
-            open_image(path.read_bytes()).convert("RGB"), demo_world.parse_prompt(prompt)
-        ).all_ok
+        assert world.judge(open_image(path.read_bytes()).convert("RGB"), world.parse_prompt(prompt)).all_ok
 
 
-def test_the_committed_record_meets_the_issue_figures():
-    """quality.json is bench/demo_quality.py's full run on the committed weights."""
+def test_the_committed_record_meets_its_targets():
+    """quality.json is demo_model/quality.py's full run on the committed weights."""
     import json
 
     record = json.loads((DEMO / "quality.json").read_text())
@@ -178,10 +175,10 @@ def test_the_committed_record_meets_the_issue_figures():
     assert record["img2img"]["overlap_min"] >= 0.85
     assert record["inpaint"]["share_changed_over_20"] == 1.0
     # The rest of the picture within the VAE's round-trip error: 43 scenes of 44, the other
-    # 0.2/255 past it (the README's table).
+    # 0.2/255 past it (the table in demo/README.md).
     inpaint = record["inpaint"]
     assert inpaint["share_rest_within_round_trip"] >= 0.95
     assert inpaint["rest_error_mean"] < inpaint["vae_round_trip_error_mean"]
     for model in ("dev", "schnell"):
         assert record["lora"][model] == {"striped_at_scale_1": 1.0, "striped_at_scale_0": 0.0}
-    assert demo_model.folder_size(DEMO) < 15_000_000
+    assert architecture.folder_size(DEMO) < 15_000_000

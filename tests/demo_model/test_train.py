@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench import demo_quality
-from flux_lora import demo_model, demo_widen, demo_world
-from flux_lora.models import ModelSource
+from demo_model import architecture, quality, widen, world
+from flux_lora.models.layout import REPO_ROOT, ModelSource
 from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +27,7 @@ def quick_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_flux_layout_small(quick_model: Path):
     for release in ("FLUX.1-dev", "FLUX.1-schnell"):
         index = json.loads((quick_model / release / "model_index.json").read_text())
@@ -36,19 +36,20 @@ def test_quick_run_writes_the_flux_layout_small(quick_model: Path):
     dev = json.loads((quick_model / "FLUX.1-dev/transformer/config.json").read_text())
     schnell = json.loads((quick_model / "FLUX.1-schnell/transformer/config.json").read_text())
     assert dev["guidance_embeds"] is True and schnell["guidance_embeds"] is False
-    assert demo_model.folder_size(quick_model) < 15_000_000
-    record = json.loads((quick_model / demo_model.RECORD_FILE).read_text())
+    assert architecture.folder_size(quick_model) < 15_000_000
+    record = json.loads((quick_model / architecture.RECORD_FILE).read_text())
     assert set(record["stage_seconds"]) >= {"vae", "text", "transformer", "lora", "widen"}
     # Training on compressed T5 padding computes what the pipeline's full padding does.
     assert all(entry["context_error"] < 1e-4 for entry in record["context"].values())
-    lora = load_file(quick_model / demo_model.LORA_FILE)
+    lora = load_file(quick_model / architecture.LORA_FILE)
     assert lora and all(key.startswith("transformer.") for key in lora)
     assert {key.rsplit(".", 2)[-2] for key in lora} == {"lora_A", "lora_B"}
 
 
+@pytest.mark.slow
 def test_quick_model_loads_and_draws_256px(quick_model: Path):
     pipelines = FluxPipelines.load(ModelSource(quick_model), torch.device("cpu"))
-    prompt = demo_world.all_scenes()[0].prompt
+    prompt = world.all_scenes()[0].prompt
     for variant in ("dev", "schnell"):
         request = GenerationRequest(prompt=prompt, model=variant, num_inference_steps=2)
         (image,) = pipelines.generate(request, size=(256, 256), seed=1)
@@ -59,12 +60,13 @@ def test_quick_model_loads_and_draws_256px(quick_model: Path):
     assert dev.vae_scale_factor == 16
 
 
+@pytest.mark.slow
 def test_wide_vae_starts_from_the_core_and_keeps_its_latent_factors(quick_model: Path):
     from diffusers import AutoencoderKL
 
-    core = demo_model.new_core_vae(seed=0)
+    core = architecture.new_core_vae(seed=0)
     core.register_to_config(shift_factor=0.1, scaling_factor=1.3)
-    wide = demo_widen.new_wide_vae(core, seed=0)
+    wide = widen.new_wide_vae(core, seed=0)
     assert (wide.config.shift_factor, wide.config.scaling_factor) == (0.1, 1.3)
     # The core's innermost encoder level is the wide VAE's, two levels further from the image.
     assert torch.equal(
@@ -78,18 +80,19 @@ def test_wide_vae_starts_from_the_core_and_keeps_its_latent_factors(quick_model:
         wide.decoder.mid_block.attentions[0].to_q.weight, core.decoder.mid_block.attentions[0].to_q.weight
     )
     saved = AutoencoderKL.from_pretrained(quick_model / "FLUX.1-schnell" / "vae")
-    assert saved.config.block_out_channels == list(demo_model.VAE["block_out_channels"])
+    assert saved.config.block_out_channels == list(architecture.VAE["block_out_channels"])
 
 
+@pytest.mark.slow
 def test_widen_alone_replaces_a_saved_core_vae(quick_model: Path, tmp_path: Path):
     """`--widen` on a model saved before stage 5 existed: both releases get the wide VAE."""
     import shutil
 
     model = tmp_path / "model"
     shutil.copytree(quick_model, model)
-    core = demo_model.new_core_vae(seed=0)
+    core = architecture.new_core_vae(seed=0)
     core.register_to_config(shift_factor=-0.03, scaling_factor=1.06)
-    demo_model.replace_vae(model, core)
+    architecture.replace_vae(model, core)
     subprocess.run(
         ["./scripts/train-demo", "--quick", "--widen", str(model)], cwd=REPO, check=True, timeout=120
     )
@@ -97,7 +100,7 @@ def test_widen_alone_replaces_a_saved_core_vae(quick_model: Path, tmp_path: Path
         config = json.loads((model / release / "vae" / "config.json").read_text())
         assert len(config["block_out_channels"]) == 5
         assert (config["shift_factor"], config["scaling_factor"]) == (-0.03, 1.06)
-    record = json.loads((model / demo_model.RECORD_FILE).read_text())
+    record = json.loads((model / architecture.RECORD_FILE).read_text())
     assert {name: phase["steps"] for name, phase in record["widen"]["phases"].items()} == {
         "distil": 2,
         "robust": 2,
@@ -114,9 +117,10 @@ def test_widen_alone_replaces_a_saved_core_vae(quick_model: Path, tmp_path: Path
     assert again.returncode != 0 and "already widened" in again.stderr
 
 
+@pytest.mark.slow
 def test_quality_bench_runs_on_the_quick_model(quick_model: Path):
-    record = demo_quality.measure(
-        quick_model, seeds=1, scenes=demo_world.all_scenes()[:1], steps={"dev": 2, "schnell": 1}
+    record = quality.measure(
+        quick_model, seeds=1, scenes=world.all_scenes()[:1], steps={"dev": 2, "schnell": 1}
     )
     assert set(record) >= {"txt2img", "img2img", "inpaint", "lora"}
     assert set(record["txt2img"]) == {"dev", "schnell"}
@@ -140,6 +144,7 @@ def test_a_device_this_torch_cannot_train_on_is_refused_before_any_work(
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_quick_run_on_a_gpu_writes_a_model_that_draws(tmp_path: Path):
     out = tmp_path / "model"
@@ -149,10 +154,10 @@ def test_quick_run_on_a_gpu_writes_a_model_that_draws(tmp_path: Path):
         check=True,
         timeout=300,
     )
-    record = json.loads((out / demo_model.RECORD_FILE).read_text())
+    record = json.loads((out / architecture.RECORD_FILE).read_text())
     assert record["settings"]["device"] == "cuda"
     assert set(record["stage_seconds"]) >= {"vae", "text", "transformer", "lora", "widen"}
     pipelines = FluxPipelines.load(ModelSource(out), torch.device("cpu"))
     request = GenerationRequest(prompt="a red circle on a blue background", num_inference_steps=2)
-    (image,) = pipelines.generate(request, size=(demo_model.IMAGE_SIZE, demo_model.IMAGE_SIZE), seed=0)
-    assert image.size == (demo_model.IMAGE_SIZE, demo_model.IMAGE_SIZE)
+    (image,) = pipelines.generate(request, size=(architecture.IMAGE_SIZE, architecture.IMAGE_SIZE), seed=0)
+    assert image.size == (architecture.IMAGE_SIZE, architecture.IMAGE_SIZE)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from flux_lora import demo_world
-from flux_lora.demo_world import Box, Scene, all_scenes, detect, judge, outline_overlap, parse_prompt, render
+from demo_model import world
+from demo_model.world import Box, Scene, all_scenes, detect, judge, outline_overlap, parse_prompt, render
 
 SCENES = all_scenes() + all_scenes(striped=True)
 
@@ -97,17 +97,17 @@ def test_render_is_deterministic_without_rng_and_varied_with_it():
 
 def test_stripes_stay_inside_the_shape():
     plain, striped = Scene("circle", "red", "blue"), Scene("circle", "red", "blue", striped=True)
-    outside = ~demo_world.shape_mask("circle", 64, Box(14.0, 14.0, 36.0, 36.0))  # 2 px around it
+    outside = ~world.shape_mask("circle", 64, Box(14.0, 14.0, 36.0, 36.0))  # 2 px around it
     assert np.array_equal(np.asarray(render(plain))[outside], np.asarray(render(striped))[outside])
     assert not np.array_equal(np.asarray(render(plain)), np.asarray(render(striped)))
 
 
 def test_the_checker_sees_the_shape_it_was_drawn_in():
-    for shape in demo_world.SHAPES:
+    for shape in world.SHAPES:
         box = Box(10.0, 14.0, 30.0, 30.0)
-        image = demo_world.paint(Scene(shape, "red", "black"), 64, box)
-        drawn = demo_world.shape_mask(shape, 64, box)
-        seen = demo_world.foreground_mask(image)
+        image = world.paint(Scene(shape, "red", "black"), 64, box)
+        drawn = world.shape_mask(shape, 64, box)
+        seen = world.foreground_mask(image)
         assert np.count_nonzero(drawn & seen) / np.count_nonzero(drawn | seen) >= 0.9
 
 
@@ -115,7 +115,7 @@ def test_every_scene_reads_back_exactly_centred_and_jittered():
     for scene in SCENES:
         for image in [render(scene)] + [jittered(scene, seed) for seed in range(4)]:
             verdict = judge(image, scene)
-            assert verdict.all_ok and verdict.striped == scene.striped, (scene, demo_world.read(image))
+            assert verdict.all_ok and verdict.striped == scene.striped, (scene, world.read(image))
             assert detect(image) == scene
 
 
@@ -128,15 +128,15 @@ def test_other_sizes_read_back(size):
 def test_wrong_scenes_are_rejected_on_the_wrong_part():
     for scene in all_scenes():
         image = render(scene)
-        for shape in demo_world.SHAPES:
+        for shape in world.SHAPES:
             if shape != scene.shape:
                 verdict = judge(image, Scene(shape, scene.colour, scene.background))
                 assert (verdict.shape_ok, verdict.colour_ok, verdict.background_ok) == (False, True, True)
-        for colour in demo_world.COLOURS:
+        for colour in world.COLOURS:
             if colour not in (scene.colour, scene.background):
                 verdict = judge(image, Scene(scene.shape, colour, scene.background))
                 assert (verdict.shape_ok, verdict.colour_ok, verdict.background_ok) == (True, False, True)
-        for background in demo_world.BACKGROUNDS:
+        for background in world.BACKGROUNDS:
             if background not in (scene.colour, scene.background):
                 verdict = judge(image, Scene(scene.shape, scene.colour, background))
                 assert (verdict.shape_ok, verdict.colour_ok, verdict.background_ok) == (True, True, False)
@@ -173,12 +173,12 @@ def test_noise_and_blank_images_are_not_scenes():
 def test_a_shape_in_an_unknown_colour_or_background_is_not_read_as_one():
     magenta = render(Scene("circle", "red", "white")).convert("RGB")
     pixels = np.asarray(magenta).copy()
-    red = np.all(pixels == demo_world.COLOURS["red"], axis=-1)
+    red = np.all(pixels == world.COLOURS["red"], axis=-1)
     pixels[red] = (220, 40, 220)
-    assert demo_world.read(Image.fromarray(pixels)).colour is None
+    assert world.read(Image.fromarray(pixels)).colour is None
     grey = np.asarray(render(Scene("circle", "red", "white"))).copy()
     grey[np.all(grey == 255, axis=-1)] = 128
-    assert demo_world.read(Image.fromarray(grey)).background is None
+    assert world.read(Image.fromarray(grey)).background is None
 
 
 def test_outline_overlap():
@@ -188,7 +188,7 @@ def test_outline_overlap():
     recoloured = render(Scene("circle", "yellow", "blue", striped=True))
     assert outline_overlap(circle, recoloured) >= 0.95
     assert outline_overlap(circle, blur(circle, np.random.default_rng(0))) >= 0.9
-    shifted = demo_world.paint(Scene("circle", "red", "white"), 64, Box(20.0, 20.0, 32.0, 32.0))
+    shifted = world.paint(Scene("circle", "red", "white"), 64, Box(20.0, 20.0, 32.0, 32.0))
     assert 0.5 < outline_overlap(circle, shifted) < 0.85
     for shape in ("square", "triangle", "cross"):
         assert outline_overlap(circle, render(Scene(shape, "red", "white"))) < 0.85
@@ -202,7 +202,7 @@ def test_specks_on_the_background_do_not_change_the_reading():
     for scene in all_scenes()[::4]:
         pixels = np.asarray(render(scene)).copy()
         rows, cols = rng.integers(0, 64, (2, 60))
-        pixels[rows, cols] = demo_world.COLOURS[scene.colour]
+        pixels[rows, cols] = world.COLOURS[scene.colour]
         speckled = Image.fromarray(pixels)
         assert detect(speckled) == scene
         assert outline_overlap(speckled, render(scene)) >= 0.95

@@ -1,8 +1,7 @@
-from pathlib import Path
+from flux_lora.dev.cog_config import check_config, check_file
+from flux_lora.models.layout import REPO_ROOT
 
-from flux_lora.cog_config import check_config, check_file
-
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_ROOT
 
 
 def test_our_cog_yaml_follows_the_rules():
@@ -10,7 +9,7 @@ def test_our_cog_yaml_follows_the_rules():
 
 
 def test_broken_example_is_rejected_for_each_mistake():
-    problems = check_file(Path(__file__).parent / "data" / "broken-cog.yaml")
+    problems = check_file(REPO_ROOT / "tests" / "data" / "broken-cog.yaml")
     expected = [
         "unknown key `build.cuda_version`",
         "`build.gpu` has the wrong type (str)",

@@ -18,13 +18,15 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from flux_lora import exercise, inventory, tiny
-from flux_lora.devices import serving_dtype
-from flux_lora.errors import InputError
-from flux_lora.server import CogServer
+from flux_lora.dev import exercise
+from flux_lora.dev.cog_server import CogServer
+from flux_lora.device import inventory
+from flux_lora.device.choice import serving_dtype
+from flux_lora.errors import ConfigError
+from flux_lora.models.layout import REPO_ROOT
+from flux_lora.testing import tiny
 from tests.conftest import NO_SERVICES, becomes_ready, predict_ok
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 FP8 = "float8_e4m3fn"
 
 
@@ -55,7 +57,7 @@ class Served(NamedTuple):
     inspect_file: Path
 
 
-@pytest.fixture(scope="module", params=["eager", "compiled"])
+@pytest.fixture(scope="module", params=["eager", pytest.param("compiled", marks=pytest.mark.slow)])
 def bf16_server(request, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """The real server in bf16, with a trained LoRA of its own (COG_WEIGHTS); compiled, or not."""
     folder = tmp_path_factory.mktemp(f"bf16-{request.param}")
@@ -101,7 +103,7 @@ def test_every_path_keeps_every_module_in_bf16(bf16_server: Served):
 
 
 def test_inspect_exercise_json_shows_every_module_in_bf16(tiny_model_dir: Path, tmp_path: Path):
-    """The command the README gives, as a user runs it."""
+    """The command docs/weights.md gives, as a user runs it."""
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("FLUX_", "COG_"))},
         "FLUX_MODEL_DIR": str(tiny_model_dir),
@@ -129,7 +131,7 @@ def test_inspect_exercise_json_shows_every_module_in_bf16(tiny_model_dir: Path, 
 
 def test_the_rule_catches_the_cast_from_pipe_made(tiny_model_dir: Path):
     """diffusers 0.42's `from_pipe` ends with `.to(dtype=float32)` unless told otherwise: what cast
-    every bf16 load to fp32 on the GPU. The inventory's rule names it; our loader no longer calls it."""
+    every bf16 load to fp32. The inventory's rule names it; our loader builds its pipelines without it."""
     from diffusers import FluxImg2ImgPipeline, FluxPipeline
 
     txt2img = FluxPipeline.from_pretrained(tiny_model_dir / "FLUX.1-dev", dtype=torch.bfloat16)
@@ -177,5 +179,5 @@ def test_the_serving_dtype_follows_flux_lora_dtype(monkeypatch, value: str, devi
 
 def test_an_unknown_dtype_is_refused_with_the_choices(monkeypatch):
     monkeypatch.setenv("FLUX_LORA_DTYPE", "bf16")
-    with pytest.raises(InputError, match=r"FLUX_LORA_DTYPE='bf16': set auto .* bfloat16, float16, float32"):
+    with pytest.raises(ConfigError, match=r"FLUX_LORA_DTYPE='bf16': set auto .* bfloat16, float16, float32"):
         serving_dtype(torch.device("cpu"))

@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from flux_lora.placement import Residency, evictions
-from flux_lora.quant import transformer_inputs
-from flux_lora.tensors import module_bytes
+from flux_lora.device.placement import Residency, evictions
+from flux_lora.device.quant import transformer_inputs
+from flux_lora.device.tensors import module_bytes
 
 GB = 1024**3
 

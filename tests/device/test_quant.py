@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from flux_lora import quant
-from flux_lora.tensors import module_bytes, stored_tensors
+from flux_lora.device import quant
+from flux_lora.device.tensors import module_bytes, stored_tensors
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_fp8_matmuls_fall_back_per_row_then_per_tensor_then_weight_only(transfor
     """On this CPU torchao refuses dynamic fp8 activations, as a GPU's missing kernel would fail:
     each choice is tried in order, and the log says why each was left."""
     monkeypatch.setattr(quant, "_has_fp8_matmuls", lambda device: True)
-    with caplog.at_level(logging.WARNING, logger="flux_lora.quant"):
+    with caplog.at_level(logging.WARNING, logger="flux_lora.device.quant"):
         fast = quant.fp8_copy(transformer, torch.device("cpu"), text_tokens=512)
     assert fast.mode == "fp8 weight-only"
     lines = [record.getMessage() for record in caplog.records]

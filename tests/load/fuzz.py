@@ -412,13 +412,14 @@ def _post_json(url: str, payload: dict) -> tuple[int, dict]:
 @contextmanager
 def fuzz_server(folder: Path):
     """The real server on the tiny model; LoRA services pointed at a closed loopback port."""
-    from bench.soak import worker_pid
-    from flux_lora import models, tiny
-    from flux_lora.server import CogServer
+    from flux_lora.dev.cog_server import CogServer
+    from flux_lora.models import layout
+    from flux_lora.testing import tiny
+    from tests.load.soak import worker_pid
 
     closed = "http://127.0.0.1:9"
     env = {
-        "FLUX_MODEL_DIR": str(tiny.build(models.TINY_MODEL_DIR)),
+        "FLUX_MODEL_DIR": str(tiny.build(layout.TINY_MODEL_DIR)),
         "FLUX_LORA_CACHE_DIR": str(folder / "lora-cache"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "FLUX_LORA_REPLICATE_URL": closed,

@@ -552,11 +552,12 @@ def table(report: SoakReport) -> str:
 def soak_server(folder: Path) -> Iterator[Soak]:
     """The real server on the tiny model with LoRA A on a loopback file server (plain http://, the
     real downloader, FLUX_LORA_ALLOW_PRIVATE_URLS=1) and LoRA B as a data: URL."""
-    from flux_lora import models, tiny
-    from flux_lora.server import CogServer, bytes_to_data_uri
+    from flux_lora.dev.cog_server import CogServer, bytes_to_data_uri
+    from flux_lora.models import layout
+    from flux_lora.testing import tiny
     from tests.fakes import FakeServer
 
-    model_dir = tiny.build(models.TINY_MODEL_DIR)
+    model_dir = tiny.build(layout.TINY_MODEL_DIR)
     cache_dir = folder / "lora-cache"
     with ExitStack() as stack:
         files = stack.enter_context(FakeServer())

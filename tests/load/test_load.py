@@ -1,15 +1,12 @@
 """Load: a short soak with flat resources, concurrent clients against one server, and a fuzz of
 the live /openapi.json with schemathesis.
 
-The soak and the full fuzz take minutes: they are marked `slow` and run only with
-FLUX_LORA_SLOW=1 (`FLUX_LORA_SLOW=1 ./scripts/test tests/test_load.py`), since pyproject's
-`addopts` does not deselect `slow` and the marker alone would not keep them out of
-`./scripts/test`. The long runs are `scripts/soak` and `scripts/fuzz` (bench/soak.py, bench/fuzz.py).
+The soak and the full fuzz take minutes: they are in the slow tier (`./scripts/test --all`).
+The long runs are `scripts/soak` and `scripts/fuzz` (`tests/load/soak.py`, `tests/load/fuzz.py`).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import urllib.error
@@ -20,14 +17,10 @@ from typing import Any
 
 import pytest
 
-from bench import fuzz, soak
-from flux_lora.server import CogServer
+from flux_lora.dev.cog_server import CogServer
 from tests.conftest import predict_ok
 from tests.fakes import Webhooks
-
-needs_slow = pytest.mark.skipif(
-    os.environ.get("FLUX_LORA_SLOW") != "1", reason="slow: run with FLUX_LORA_SLOW=1"
-)
+from tests.load import fuzz, soak
 
 # 1024x1024, 8 steps: about 2 s on this 2-core CPU (idle), long enough to fire the other clients
 # while it runs (they start once /health-check says BUSY), short enough for the default suite.
@@ -41,7 +34,6 @@ BUSY_BODY = {"error": "At capacity - all prediction slots busy", "status": "fail
 
 
 @pytest.mark.slow
-@needs_slow
 def test_short_soak_stays_flat(tiny_model_dir: Path, tmp_path: Path):
     with soak.soak_server(tmp_path) as s:
         report = s.run(40)
@@ -182,6 +174,7 @@ def test_async_prediction_when_idle_is_accepted(server: CogServer, webhooks: Web
 # Fuzzing the live schema.
 
 
+@pytest.mark.slow
 def test_fuzz_schema_smoke(server: CogServer):
     """A few generated examples of every operation on the shared server: no 5xx, health
     READY/BUSY throughout, a plain prediction succeeds afterwards."""
@@ -193,7 +186,6 @@ def test_fuzz_schema_smoke(server: CogServer):
 
 
 @pytest.mark.slow
-@needs_slow
 def test_fuzz_schema(tiny_model_dir: Path, tmp_path: Path):
     """schemathesis's coverage phase (285 boundary cases) and 100 generated prediction examples
     plus 20 for each other operation, on a server of its own: about a minute here, idle."""

@@ -16,12 +16,12 @@ import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
-from flux_lora import tiny
 from flux_lora.errors import InputError
-from flux_lora.lora import AdapterSet, WantedAdapter, read_lora
-from flux_lora.models import ModelSource
+from flux_lora.lora.adapters import AdapterSet, WantedAdapter, read_lora
+from flux_lora.models.layout import ModelSource
 from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
+from flux_lora.testing import tiny
 
 FULL_WIDTH, MLP_WIDTH, RANK = 3072, 12288, 2
 
@@ -134,7 +134,7 @@ def test_two_adapters_combine_and_unchanged_requests_do_not_reload(pipelines, ad
     adapters.activate([wanted(main), wanted(extra, label="extra_lora")])
     both = render(pipelines)
     assert not torch.equal(both, only_main)
-    with caplog.at_level(logging.INFO, logger="flux_lora.lora"):
+    with caplog.at_level(logging.INFO, logger="flux_lora.lora.adapters"):
         assert adapters.activate([wanted(main), wanted(extra, label="extra_lora")]) == 0.0
     assert "LoRA unchanged: no reload" in caplog.text
     assert len(adapters.loaded) == 2

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from flux_lora.cache import DEFAULT_MAX_GB, CacheEntry, CacheError, LoraCache
+from flux_lora.errors import CacheError, ConfigError
+from flux_lora.lora.cache import DEFAULT_MAX_GB, CacheEntry, LoraCache
+from flux_lora.models.layout import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def make_cache(root: Path, max_bytes: int = 10**9) -> LoraCache:
@@ -116,7 +118,7 @@ def test_staging_paths_are_unique_and_removed_without_commit(tmp_path: Path) -> 
 CRASH_CHILD = """
     import sys, time
     from pathlib import Path
-    from flux_lora.cache import LoraCache
+    from flux_lora.lora.cache import LoraCache
 
     cache = LoraCache(Path(sys.argv[1]), 10**9)
     key = cache.key_for("crashing-lora")
@@ -181,7 +183,7 @@ def test_clean_stale_staging_spares_recent_files(tmp_path: Path) -> None:
 DOWNLOAD_CHILD = """
     import os, sys, time
     from pathlib import Path
-    from flux_lora.cache import LoraCache
+    from flux_lora.lora.cache import LoraCache
 
     root, counter, go = (Path(arg) for arg in sys.argv[1:4])
     cache = LoraCache(root, 10**9)
@@ -345,7 +347,7 @@ def test_from_env_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.parametrize("value", ["lots", "-1", "nan", "inf", "20GB"])
 def test_from_env_rejects_a_bad_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("FLUX_LORA_CACHE_MAX_GB", value)
-    with pytest.raises(CacheError) as caught:
+    with pytest.raises(ConfigError) as caught:
         LoraCache.from_env(tmp_path)
     message = str(caught.value)
     assert f"FLUX_LORA_CACHE_MAX_GB='{value}'" in message

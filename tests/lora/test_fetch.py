@@ -17,10 +17,11 @@ import pytest
 import torch
 from huggingface_hub import constants as hf_constants
 
-from flux_lora.cache import LoraCache
-from flux_lora.errors import InputError
-from flux_lora.lora_refs import Endpoints, LoraRef, parse_lora_ref
-from flux_lora.weights import DownloadError, FetchedLora, LoraFetcher
+from flux_lora.errors import DownloadError, InputError
+from flux_lora.lora.cache import LoraCache
+from flux_lora.lora.fetch import FetchedLora, LoraFetcher
+from flux_lora.lora.refs import Endpoints, LoraRef, parse_lora_ref
+from flux_lora.models.layout import REPO_ROOT
 from tests.fakes import (
     CivitaiVersion,
     FakeServer,
@@ -38,7 +39,7 @@ LORA = make_safetensors()
 OTHER_LORA = make_safetensors({"transformer.b.lora_A.weight": torch.zeros(2, 3)})
 THIRD_LORA = make_safetensors({"transformer.c.lora_B.weight": torch.full((3, 3), 2.0, dtype=torch.float16)})
 SECRETS = ("r8_SECRETREPLICATE", "hf_SECRETHF", "SECRETCIVITAI", "SECRET123", "hunter2pass")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -354,7 +355,7 @@ def test_second_fetch_is_served_from_cache_without_network(fake, other, fetcher,
     first = fetcher.fetch(lora_ref, INPUT)
     before = (fake.count(), other.count())
 
-    caplog.set_level(logging.INFO, logger="flux_lora.weights")
+    caplog.set_level(logging.INFO, logger="flux_lora.lora.fetch")
     second = fetcher.fetch(lora_ref, INPUT)
 
     assert (fake.count(), other.count()) == before == (1, 1)
@@ -383,9 +384,9 @@ def test_concurrent_threads_download_once(fake, fetcher):
 CHILD = """
 import json, sys
 from pathlib import Path
-from flux_lora.cache import LoraCache
-from flux_lora.lora_refs import parse_lora_ref
-from flux_lora.weights import LoraFetcher
+from flux_lora.lora.cache import LoraCache
+from flux_lora.lora.refs import parse_lora_ref
+from flux_lora.lora.fetch import LoraFetcher
 fetcher = LoraFetcher(LoraCache(Path(sys.argv[1]), 10**9), timeout_s=5, allow_private=True)
 got = fetcher.fetch(parse_lora_ref(sys.argv[2], "replicate_weights"), "replicate_weights")
 print(json.dumps({"path": str(got.path), "from_cache": got.from_cache}))

@@ -4,8 +4,8 @@ import sys
 import pytest
 
 from flux_lora.errors import InputError
-from flux_lora.lora_refs import Endpoints, parse_lora_ref, redact, without_secrets
-from flux_lora.models import REPO_ROOT
+from flux_lora.lora.refs import Endpoints, parse_lora_ref, redact, without_secrets
+from flux_lora.models.layout import REPO_ROOT
 
 ENDPOINTS = Endpoints(replicate="http://r.test", huggingface="http://hf.test", civitai="http://c.test")
 

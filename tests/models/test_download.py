@@ -1,4 +1,4 @@
-"""scripts/download-weights and flux_lora.model_download against a loopback Hugging Face Hub that
+"""scripts/download-weights and flux_lora.models.download against a loopback Hugging Face Hub that
 serves the tiny model's files in the layout of the real repos, with the real repos' decoys."""
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants as hf_constants
 
-from flux_lora.download import DownloadError
-from flux_lora.errors import ModelNotFoundError
-from flux_lora.model_download import STAGING, download_models
-from flux_lora.model_files import MARKER, MODEL_REPOS, missing_models, select_files, verify_models
-from flux_lora.server import CogServer
+from flux_lora.dev.cog_server import CogServer
+from flux_lora.errors import DownloadError, ModelNotFoundError
+from flux_lora.models.download import STAGING, download_models
+from flux_lora.models.files import MARKER, missing_models, select_files, verify_models
+from flux_lora.models.layout import MODEL_REPOS, REPO_ROOT
 from tests.conftest import predict_ok
 from tests.fakes import Exchange, FakeServer, HubRepo, add_hub, add_hub_files_metadata, make_safetensors
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 TOKEN = "hf_SECRETdownloadTOKEN42"
 DEV, SCHNELL, CHECKER, NSFW = MODEL_REPOS
 TRANSFORMER = "transformer/diffusion_pytorch_model.safetensors"
@@ -164,7 +164,7 @@ def test_selection_is_what_the_pipeline_loads(caplog: pytest.LogCaptureFixture):
     assert select_files(NSFW, [*configs, *shards, "pytorch_model.bin"]) == sorted(
         ["config.json", "preprocessor_config.json", *shards]
     )
-    with caplog.at_level(logging.INFO, logger="flux_lora.model_download"):
+    with caplog.at_level(logging.INFO, logger="flux_lora.models.download"):
         assert select_files(CHECKER, [*configs, "pytorch_model.bin", "flax_model.msgpack"]) == [
             "config.json",
             "preprocessor_config.json",
@@ -229,7 +229,7 @@ def test_gated_repo_without_token_fails_before_fetching_anything(plain_hub, sour
 
     # The other repos are public: they come without a token.
     others = [SCHNELL, CHECKER, NSFW]
-    with caplog.at_level(logging.INFO, logger="flux_lora.model_download"):
+    with caplog.at_level(logging.INFO, logger="flux_lora.models.download"):
         download_models(root, endpoint=hub.url, folders=others, progress=False)
     assert "FLUX.1-schnell <- black-forest-labs/FLUX.1-schnell @ " in caplog.text
     assert "size not reported" in caplog.text
@@ -339,7 +339,7 @@ def test_an_interrupted_download_resumes_without_fetching_complete_files_again(
         "FLUX_MODEL_DIR": str(root),
         "PYTHONPATH": str(ROOT),
     }
-    command = [sys.executable, "-m", "flux_lora.model_download", "--only", DEV, "--no-progress"]
+    command = [sys.executable, "-m", "flux_lora.models.download", "--only", DEV, "--no-progress"]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     staging = root / STAGING / DEV
     others = [name for name in sources[DEV] if name != TRANSFORMER]

@@ -10,10 +10,10 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5EncoderModel
 
-from bench.full_size import write_model_folder
-from flux_lora.models import ModelSource
+from flux_lora.models.layout import ModelSource
 from flux_lora.pipeline import FluxPipelines, _random_module
 from flux_lora.schema import GenerationRequest
+from flux_lora.testing.full_size import write_model_folder
 
 # Parameter counts of the FLUX.1 [dev] repository's modules.
 REAL_SIZES = {

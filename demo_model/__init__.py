@@ -1,0 +1,1 @@
+"""Training the demo model committed in demo/ (see demo/README.md); serving never imports this."""

@@ -1,0 +1,1 @@
+"""Small FLUX models built offline for tests and benchmarks; serving code never imports this."""
