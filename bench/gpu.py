@@ -14,7 +14,7 @@ The phases (`bench/gpu_phases.py` says what each measures), in this order:
 - cold: setup compiled with an empty compile cache, then every serving figure.
 - warm: setup again on the cache the cold phase filled.
 
-The model is `bench/full_size.py`'s folder of configs: every module at full FLUX.1 size, built by
+The model is `flux_lora/testing/full_size.py`'s folder of configs: every module at full FLUX.1 size, built by
 our own loader on the GPU with random weights (the arithmetic, hence the time, of the trained
 model). `--tiny` runs the same code at the tiny model's sizes with the `eager` compile backend.
 Results: `bench/results/<gpu>.json` (`tiny-cpu.json`), rewritten after every figure.

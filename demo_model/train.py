@@ -1,4 +1,4 @@
-"""Train the demo model (`architecture.architecture`) on the synthetic world of `architecture.world`.
+"""Train the demo model (`demo_model.architecture`) on the synthetic world of `demo_model.world`.
 
     ./scripts/train-demo [--out weights/demo] [--quick] [--seed 0] [--threads 1] [--device cpu]
 
@@ -24,11 +24,11 @@ Five stages, seeded, each logged with its loss and a quick reading by the world'
    weights are an exponential moving average.
 4. A LoRA on the frozen transformer, trained on striped renders under the same prompts: stripes
    at scale 1, none at scale 0 (the base model).
-5. A 5-level VAE that draws the same latents at 256 px (`architecture.widen`), saved in place of
+5. A 5-level VAE that draws the same latents at 256 px (`demo_model.widen`), saved in place of
    the 64 px one: the transformer and the LoRA are unchanged.
 The transformer's renders keep near the centre for the most part (POOL_LAYOUT says why).
 
-`architecture.flow` feeds the transformer what the pipelines feed it, T5's long padding
+`demo_model.flow` feeds the transformer what the pipelines feed it, T5's long padding
 compressed to runs of identical tokens.
 """
 
@@ -122,7 +122,7 @@ class Trainer:
         self.device = torch.device(settings.device)
         self.record: dict[str, object] = {
             "settings": {**dataclasses.asdict(settings), "out": str(settings.out)},
-            "command": " ".join(["python -m architecture.train", *sys.argv[1:]]),
+            "command": " ".join(["python -m demo_model.train", *sys.argv[1:]]),
         }
         self.started = time.perf_counter()
 
@@ -617,7 +617,7 @@ def _mean(values) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m architecture.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo_model.train", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--out",
         type=Path,

@@ -275,7 +275,7 @@ def widen_folder(root: Path, settings: WidenSettings, device: torch.device | str
     started = time.perf_counter()
     wide, record = Widener(core, settings, device).train()
     record["seconds"] = round(time.perf_counter() - started, 1)
-    record["command"] = " ".join(["python -m architecture.train", *sys.argv[1:]])
+    record["command"] = " ".join(["python -m demo_model.train", *sys.argv[1:]])
     architecture.replace_vae(root, wide.to("cpu"))
     training = json.loads((root / architecture.RECORD_FILE).read_text())
     training["widen"] = record

@@ -210,7 +210,7 @@ def test_first_release_output_quality_default_is_90(first_release: CogServer):
 )
 def test_a_variant_looks_for_weights_beside_the_repositorys_package(tmp_path):
     """Run from its temporary folder, the worker still imports the repository's `flux_lora`, whose
-    models.py finds the default `weights/` from its own file (setup then says what it found)."""
+    models/layout.py finds the default `weights/` from its own file (setup then says what it found)."""
     env = {"FLUX_LORA_CACHE_DIR": str(tmp_path / "cache"), "HF_TOKEN": "", **NO_SERVICES}
     with CogServer(predictor=GO_FAST, env={**env, "FLUX_MODEL_DIR": ""}) as server:
         health = server.start()

@@ -1,5 +1,5 @@
 """The model folders under FLUX_MODEL_DIR: which repo fills each, which of its files the loaders
-read, and whether what is on disk is complete and loads. `model_download` fetches them.
+read, and whether what is on disk is complete and loads. `models.download` fetches them.
 
 A folder counts as complete when its `.flux-lora-complete` marker lists files that are all there at
 their recorded sizes, or, without a marker (a folder put there by hand), when its layout is whole:
