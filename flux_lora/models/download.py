@@ -52,6 +52,7 @@ log = logging.getLogger("flux_lora.models.download")  # also when run as __main_
 STAGING = ".downloads"
 WORKERS = 8
 TIMEOUT_S = 60.0
+SIGNAL_CHECK_S = 0.2
 
 GATED = (
     "{folder} ({repo}) is gated and no HF_TOKEN is set. Accept its licence on its Hugging Face page, "
@@ -280,9 +281,13 @@ def _fetch(plan: RepoPlan, staging: Path, token: str | None, endpoint: str, prog
     interrupted = False
     try:
         futures = [pool.submit(fetch_one, name) for name in plan.files]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in done:
-            future.result()
+        # Wait in slices: Linux may deliver Ctrl-C's signal to a download thread, and then a main
+        # thread blocked on a lock would not run Python's handler until a file finished.
+        pending = futures
+        while pending:
+            done, pending = wait(pending, timeout=SIGNAL_CHECK_S, return_when=FIRST_EXCEPTION)
+            for future in done:
+                future.result()
     except KeyboardInterrupt:
         interrupted = True  # main() exits at once
         raise
