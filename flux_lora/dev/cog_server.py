@@ -37,6 +37,7 @@ from flux_lora.dev import openapi
 from flux_lora.models.layout import REPO_ROOT
 
 TERMINAL_SETUP = {"READY", "SETUP_FAILED", "UNHEALTHY"}
+SETUP_LOGS_WAIT_S = 2.0
 DEFAULT_PREDICTOR = "predict.py:Predictor"
 
 
@@ -111,13 +112,17 @@ class CogServer:
 
     def wait_for_setup(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
+        settled_by: float | None = None  # a terminal status without logs: give them this long
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"cog server exited with code {self.process.returncode}")
             try:
                 health = self.get("/health-check")
+                # coglet may say READY a moment before it has recorded setup's result and logs.
                 if health.get("status") in TERMINAL_SETUP:
-                    return health
+                    settled_by = settled_by or time.monotonic() + SETUP_LOGS_WAIT_S
+                    if "logs" in health.get("setup", {}) or time.monotonic() > settled_by:
+                        return health
             except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
                 pass
             time.sleep(0.1)
