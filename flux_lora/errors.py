@@ -38,5 +38,10 @@ class CanceledError(FluxLoraError, RuntimeError):
     """The prediction was canceled; raised inside the work so it stops at the next step."""
 
 
+class DeadlineError(FluxLoraError, TimeoutError):
+    """A download or a phase of the prediction ran past its wall-clock limit; the message names
+    which, the limit and the variable that sets it."""
+
+
 class GenerationMemoryError(FluxLoraError, MemoryError):
     """The device ran out of memory for this request; smaller requests still fit."""

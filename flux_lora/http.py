@@ -4,23 +4,34 @@ Only http and https; at most MAX_REDIRECTS redirects; every hop's host is resolv
 socket is connected to a checked address (and its peer checked again once connected), so a
 redirect or a DNS answer cannot lead to a loopback, private or link-local service unless the
 operator allowed it. Authorization never follows a redirect to another origin. Bodies are
-bounded in size, reads time out, and a body shorter than its Content-Length is an error.
+bounded in size, reads time out, a whole download has a wall-clock limit, and a body shorter
+than its Content-Length is an error. A download stops between chunks when its prediction is
+canceled or runs out of time, and a read blocked on a silent server is woken by shutting the
+socket down (`Interrupt.on_stop`).
+
+It also holds the one rule for credentials in URLs: userinfo, and every query or fragment
+parameter whose name says it is a credential (token, hf_token, private_token, api_key, password,
+X-Amz-Signature, ...). `redact` shows them as ***, in every message and log line; `split_credentials`
+keeps them out of cache identities and scopes the cache to them instead.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import http.client
 import ipaddress
 import re
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
-from flux_lora.errors import ConfigError, DownloadError, InputError
+from flux_lora.errors import ConfigError, DeadlineError, DownloadError, InputError
+from flux_lora.interrupt import DEFAULT_DOWNLOAD_LIMIT_S, DOWNLOAD_LIMIT_ENV, Interrupt
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -32,12 +43,14 @@ REDIRECT_CODES = {301, 302, 303, 307, 308}
 CHUNK = 1 << 20
 USER_AGENT = "flux-lora (+https://github.com/replicate/cog)"
 URL_SCHEMES = ("http://", "https://", "data:")
-# Query parameters that carry credentials; shown as *** and left out of cache identities.
-SECRET_PARAMS = re.compile(
-    r"^(token|api[_-]?key|key|access[_-]?token|auth|sig|signature|x-amz-(signature|credential|security-token)"
-    r"|x-goog-(signature|credential))$",
-    re.IGNORECASE,
+# A query or fragment parameter is a credential when its name holds one of these words.
+SECRET_PARAM_WORDS = re.compile(
+    r"token|secret|passw|pwd|key|sig|credential|auth|session|cookie", re.IGNORECASE
 )
+# name=value pairs in a query or a fragment, and the userinfo of a URL, in any text.
+PARAM_PAIR = re.compile(r"(?P<lead>[?&#;])(?P<name>[^=&#?;\s]+)=(?P<value>[^&#;\s]*)")
+USERINFO = re.compile(r"(?P<lead>//)[^/?#@\s]*@")
+CONTROL_CHARS = re.compile(r"[\x00-\x20\x7f]")
 
 
 def is_fetchable_url(value: str) -> bool:
@@ -104,10 +117,13 @@ def decode_data_url(text: str, where: str, limit: int) -> bytes:
 class Body:
     """A response body to read(): bounded by `limit`, with read timeouts and truncation as errors."""
 
-    def __init__(self, response: http.client.HTTPResponse, where: str, limit: int) -> None:
+    def __init__(
+        self, response: http.client.HTTPResponse, where: str, limit: int, interrupt: Interrupt
+    ) -> None:
         self.response = response
         self.where = where
         self.limit = limit
+        self.interrupt = interrupt
         self.length = response.length  # None: chunked or connection-close framing
         self.received = 0
         if self.length is not None and self.length > limit:
@@ -118,16 +134,21 @@ class Body:
             return b"".join(iter(lambda: self.read(CHUNK), b""))
         # One byte past the limit is enough to know it was passed.
         size = min(size, self.limit - self.received + 1)
+        self.interrupt.check()
         try:
-            chunk = self.response.read(size)
+            # read1: what has arrived, up to `size`, so a slow sender is checked between its bytes.
+            chunk = self.response.read1(size)
         except TimeoutError as err:
+            self.interrupt.check()
             raise DownloadError(
                 f"{self.where}: the download timed out (no data for a while); try again"
             ) from err
         except (OSError, http.client.HTTPException) as err:
+            self.interrupt.check()  # a stop shuts the socket down: report the stop, not the break
             raise DownloadError(
                 f"{self.where}: the connection broke after {self.received} bytes ({type(err).__name__}); try again"
             ) from err
+        self.interrupt.check()
         self.received += len(chunk)
         if self.received > self.limit:
             raise too_large(self.where, self.limit)
@@ -147,8 +168,10 @@ class SafeHttp:
         max_bytes: int,
         allowed_private: tuple[IPNetwork, ...] = (),
         is_public_address: AddressPolicy = is_public_address,
+        limit_s: float = DEFAULT_DOWNLOAD_LIMIT_S,
     ) -> None:
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # without data
+        self.limit_s = limit_s  # from the request to the last byte
         self.max_bytes = max_bytes
         self.allowed_private = allowed_private
         self.is_public_address = is_public_address
@@ -161,33 +184,52 @@ class SafeHttp:
         headers: dict[str, str] | None = None,
         messages: dict[int, str] | None = None,
         limit: int | None = None,
+        interrupt: Interrupt | None = None,
     ) -> Iterator[Body]:
         """GET `url`, following redirects; yields the body of a 2xx answer, raises for any other.
 
         `where` starts every message ("<input>: <redacted reference>"); `messages` overrides the
-        text for given status codes.
+        text for given status codes. `interrupt` stops it (a prediction's cancel or limits); the
+        download's own wall-clock limit applies either way.
         """
-        conn, response = self._open(url, where, dict(headers or {}))
-        with closing(conn), response:
-            status = response.status
-            if not 200 <= status < 300:
-                raise DownloadError(f"{where}: {(messages or {}).get(status) or status_message(status)}")
-            yield Body(response, where, self.max_bytes if limit is None else limit)
+        interrupt = interrupt or Interrupt()
+        too_slow = (
+            f"{where}: the download took longer than its limit of {self.limit_s:g} s; try a faster host "
+            f"(the operator sets the limit with {DOWNLOAD_LIMIT_ENV})"
+        )
+        sockets: list[socket.socket] = []
+        # The limit also holds while nothing polls the interrupt and the server is silent.
+        alarm = threading.Timer(self.limit_s, interrupt.poll)
+        alarm.daemon = True
+        with (
+            interrupt.deadline(self.limit_s, lambda: DeadlineError(too_slow)),
+            interrupt.on_stop(lambda: _shut_down(sockets)),
+            _running(alarm),
+        ):
+            conn, response = self._open(url, where, dict(headers or {}), sockets, interrupt)
+            with closing(conn), response:
+                status = response.status
+                if not 200 <= status < 300:
+                    raise DownloadError(f"{where}: {(messages or {}).get(status) or status_message(status)}")
+                yield Body(response, where, self.max_bytes if limit is None else limit, interrupt)
 
     def _open(
-        self, url: str, where: str, headers: dict[str, str]
+        self,
+        url: str,
+        where: str,
+        headers: dict[str, str],
+        sockets: list[socket.socket],
+        interrupt: Interrupt,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         for _ in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
+            interrupt.check()
+            parts = checked_url(url, where)
             host = parts.hostname
             if parts.scheme not in ("http", "https") or not host:
                 raise InputError(
                     f"{where}: only http and https URLs can be downloaded (got {parts.scheme or '?'}:)"
                 )
-            try:
-                port = parts.port
-            except ValueError:
-                raise InputError(f"{where}: the URL has an invalid port") from None
+            port = parts.port
             sent = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", "Connection": "close", **headers}
             if parts.username is not None and not any(k.lower() == "authorization" for k in sent):
                 pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
@@ -195,7 +237,7 @@ class SafeHttp:
             conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
             conn = conn_cls(host, port, timeout=self.timeout_s)
             conn._create_connection = lambda address, timeout=None, source=None, w=where: self._connect(
-                address, timeout, w
+                address, timeout, w, sockets
             )
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             try:
@@ -204,17 +246,10 @@ class SafeHttp:
             except (InputError, DownloadError):
                 conn.close()
                 raise
-            except TimeoutError as err:
-                conn.close()
-                raise DownloadError(f"{where}: {host} did not answer in time (timed out); try again") from err
-            except ssl.SSLCertVerificationError as err:
-                conn.close()
-                raise DownloadError(f"{where}: the TLS certificate of {host} could not be verified") from err
             except (OSError, http.client.HTTPException) as err:
                 conn.close()
-                raise DownloadError(
-                    f"{where}: the request to {host} failed ({type(err).__name__}); try again"
-                ) from err
+                interrupt.check()  # stopped while waiting: say so rather than what the socket saw
+                raise _request_error(err, where, host) from err
             location = response.getheader("Location")
             if response.status not in REDIRECT_CODES or not location:
                 return conn, response
@@ -229,7 +264,9 @@ class SafeHttp:
     def _allowed(self, ip: IPAddress) -> bool:
         return self.is_public_address(ip) or any(ip in network for network in self.allowed_private)
 
-    def _connect(self, address: tuple[str, int], timeout: float | None, where: str) -> socket.socket:
+    def _connect(
+        self, address: tuple[str, int], timeout: float | None, where: str, sockets: list[socket.socket]
+    ) -> socket.socket:
         host, port = address
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -255,6 +292,7 @@ class SafeHttp:
                 sock.close()
                 refused.append(peer)
                 continue
+            sockets.append(sock)
             return sock
         if failure is not None:
             reason = (
@@ -271,28 +309,57 @@ class SafeHttp:
         raise DownloadError(f"{where}: the host {host} has no address")
 
 
+def is_secret_param(name: str) -> bool:
+    return SECRET_PARAM_WORDS.search(unquote(name)) is not None
+
+
 def redact(text: str) -> str:
-    """The text with credentials in a URL (user:password@, token=... parameters) replaced by ***."""
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return text
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = "&".join(
-        f"{key}=***" if SECRET_PARAMS.match(key) else f"{key}={value}" if sep else key
-        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    """`text` with every credential in it shown as ***: URL userinfo (user:password@) and the value
+    of each credential parameter, in a query or a fragment. Works on any text, URL or not."""
+    text = USERINFO.sub(r"\g<lead>***@", text)
+    return PARAM_PAIR.sub(
+        lambda m: f"{m['lead']}{m['name']}=***" if is_secret_param(m["name"]) else m[0], text
     )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def without_secrets(url: str) -> str:
-    """The URL with credentials removed altogether (for identities, never for fetching)."""
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """The URL as an identity, credentials left out (host lowercased, no userinfo, no credential
+    parameters, no fragment), and a digest of the credentials it carried (None without any): a
+    cache keyed by both serves a file only to callers who present the same credentials."""
     parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not SECRET_PARAMS.match(k)]
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, netloc.lower(), parts.path, urlencode(query), ""))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(k, v) for k, v in query if not is_secret_param(k)]
+    secrets = sorted((k, v) for k, v in query if is_secret_param(k))
+    userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""
+    netloc = parts.netloc.rsplit("@", 1)[-1].lower()
+    identity = urlunsplit((parts.scheme, netloc, parts.path, urlencode(kept), ""))
+    if not secrets and not userinfo:
+        return identity, None
+    digest = hashlib.sha256(repr((userinfo, secrets)).encode()).hexdigest()[:32]
+    return identity, digest
+
+
+def checked_url(url: str, where: str):
+    """`urlsplit(url)`, or an InputError naming `where` for a URL that cannot be one: control
+    characters or spaces, a malformed IPv6 host, a port that is not a number."""
+    if CONTROL_CHARS.search(url):
+        raise InputError(
+            f"{where}: the URL holds a space or a control character; percent-encode it (a space is %20)"
+        )
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as err:
+        raise InputError(f"{where}: not a valid URL ({err}); check the host and the port") from None
+    return parts
+
+
+def _request_error(err: Exception, where: str, host: str) -> DownloadError:
+    if isinstance(err, TimeoutError):
+        return DownloadError(f"{where}: {host} did not answer in time (timed out); try again")
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return DownloadError(f"{where}: the TLS certificate of {host} could not be verified")
+    return DownloadError(f"{where}: the request to {host} failed ({type(err).__name__}); try again")
 
 
 def status_message(status: int) -> str:
@@ -318,3 +385,19 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 def _strip_userinfo(url: str) -> str:
     parts = urlsplit(url)
     return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def _shut_down(sockets: list[socket.socket]) -> None:
+    """Wake a read blocked on any of `sockets`: it returns at once, with no data."""
+    for sock in sockets:
+        with suppress(OSError):  # already closed
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextmanager
+def _running(timer: threading.Timer) -> Iterator[None]:
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

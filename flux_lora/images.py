@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 
 from flux_lora.errors import InputError
 from flux_lora.http import SafeHttp, decode_data_url, is_fetchable_url, redact
+from flux_lora.interrupt import Interrupt
 from flux_lora.schema import MAX_IMAGE_SIDE, fit_input_size
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class ImageFetcher:
         self.http = http
         self.max_bytes = max_bytes
 
-    def fetch(self, value: str, name: str) -> io.BytesIO:
+    def fetch(self, value: str, name: str, interrupt: Interrupt | None = None) -> io.BytesIO:
         """The bytes of the image `value` names; `name` ("image" or "mask") starts every message."""
         where = f"{name}: {describe_image_url(value)}"
         if not is_fetchable_url(value):  # check_request refuses these first; this keeps the rule local
@@ -70,7 +71,7 @@ class ImageFetcher:
         if value.lower().startswith("data:"):
             return io.BytesIO(decode_data_url(value, where, self.max_bytes))
         started = time.monotonic()
-        with self.http.get(value, where, limit=self.max_bytes) as body:
+        with self.http.get(value, where, limit=self.max_bytes, interrupt=interrupt) as body:
             data = body.read()
         log.info("%s: fetched %d bytes in %.2f s", where, len(data), time.monotonic() - started)
         return io.BytesIO(data)

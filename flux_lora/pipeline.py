@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from flux_lora.device.compilation import Compiler
 from flux_lora.device.placement import Residency
 from flux_lora.device.quant import fp8_copy, fp8_copy_bytes
 from flux_lora.device.tensors import module_bytes
-from flux_lora.errors import CanceledError
+from flux_lora.interrupt import Interrupt
 from flux_lora.lora.slots import LoraSlots
 from flux_lora.models.layout import RELEASES, ModelSource
 from flux_lora.schema import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, resolve_size
@@ -180,7 +179,7 @@ class FluxPipelines:
         image: Image.Image | None = None,
         mask: Image.Image | None = None,
         fast: bool = False,
-        cancel: threading.Event | None = None,
+        interrupt: Interrupt | None = None,
     ) -> list[Image.Image]:
         variant = self.variant(request.model, fast=fast)
         self.residency.ensure((request.model, fast))
@@ -196,8 +195,8 @@ class FluxPipelines:
             max_sequence_length=MAX_SEQUENCE_LENGTH[variant.name],
             output_type="pil",
         )
-        if cancel is not None:
-            kwargs["callback_on_step_end"] = _stop_when(cancel)
+        if interrupt is not None:
+            kwargs["callback_on_step_end"] = _stop_when(interrupt)
         if variant.uses_guidance:
             kwargs["guidance_scale"] = request.guidance_scale
         if mask is not None:
@@ -218,6 +217,11 @@ class FluxPipelines:
                 self.compilations - compiled_before,
             )
         return images
+
+    @property
+    def min_side(self) -> int:
+        """The smallest image side the models draw: one packed latent (2x2 latents of the VAE)."""
+        return 2 * self.variant("dev").txt2img.vae_scale_factor
 
     @property
     def compilations(self) -> int:
@@ -245,12 +249,14 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _stop_when(cancel: threading.Event):
-    """A step callback that ends the denoising loop once `cancel` is set."""
+def _stop_when(interrupt: Interrupt):
+    """A step callback that ends the denoising loop once the prediction is canceled or out of time."""
 
     def check(pipe, step: int, timestep, tensors: dict) -> dict:
-        if cancel.is_set():
-            raise CanceledError(f"canceled after step {step + 1}")
+        interrupt.poll()
+        if interrupt.stopped:
+            log.info("Denoising stopped after step %d", step + 1)
+            interrupt.check()
         return tensors
 
     return check

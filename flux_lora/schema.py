@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flux_lora.errors import InputError
-from flux_lora.http import is_fetchable_url
+from flux_lora.http import is_fetchable_url, redact
 
 # Width x height at 1 megapixel. This table drives both the `aspect_ratio` choices and the sizes.
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
@@ -32,6 +32,7 @@ SIZE_STEP = 16  # FLUX latents are 1/8 of the image, packed 2x2
 MAX_IMAGE_SIDE = 1440  # img2img/inpaint inputs are scaled down to fit this
 # torch.Generator.manual_seed accepts this range (negative seeds wrap around 2**64).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+WHOLE_NUMBER_FIELDS = ("height", "width", "num_outputs", "num_inference_steps", "seed", "output_quality")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,14 @@ class GenerationRequest:
     extra_lora: str | None = None
     extra_lora_scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        # Over HTTP a whole-number input may arrive as a float: 1.0 from a client that writes
+        # numbers so, and any integer beyond 64 bits, which coglet's JSON reader turns into one.
+        for name in WHOLE_NUMBER_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, float):
+                object.__setattr__(self, name, _whole_number(name, value))
+
     @property
     def mode(self) -> str:
         if self.mask is not None:
@@ -73,7 +82,7 @@ def check_request(request: GenerationRequest) -> None:
         value = getattr(request, name)
         if value is not None and not is_fetchable_url(value):
             raise InputError(
-                f"{name}: {_shorten(value)!r} is not a URL. Send the image as an http(s) URL or "
+                f"{name}: {_shorten(redact(value))!r} is not a URL. Send the image as an http(s) URL or "
                 "a data: URI; local paths on the server are never read."
             )
     if request.mask is not None and request.image is None:
@@ -102,6 +111,18 @@ def check_request(request: GenerationRequest) -> None:
             f"seed: {request.seed} is out of range. Use an integer from 0 to {SEED_MAX}, "
             "or leave it out for a random seed."
         )
+
+
+def _whole_number(name: str, value: float) -> int:
+    if not value.is_integer():
+        raise InputError(f"{name}: {value!r} is not a whole number. Send an integer, like {int(value)}.")
+    if abs(value) > 2**53:  # past this a float no longer holds every integer
+        raise InputError(
+            f"{name}: {value!r} reached the server as a rounded floating-point number, so its exact "
+            f"value is lost. Send an integer from {SEED_MIN} to {SEED_MAX} that the JSON reader keeps "
+            "exact (up to 64 bits), or leave it out."
+        )
+    return int(value)
 
 
 def round_to_step(side: int) -> int:

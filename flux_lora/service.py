@@ -7,7 +7,6 @@ import os
 import secrets
 import shutil
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -18,8 +17,9 @@ import torch
 from flux_lora.device.choice import dtype_name
 from flux_lora.device.compilation import Compiler, CompileSettings
 from flux_lora.device.inventory import INSPECT_FILE_ENV, write_report
-from flux_lora.errors import GenerationMemoryError, UnsafeImageError
+from flux_lora.errors import GenerationMemoryError, InputError, UnsafeImageError
 from flux_lora.images import ImageFetcher, load_image, load_mask
+from flux_lora.interrupt import Interrupt, phase_limits_from_env
 from flux_lora.lora.adapters import GO_FAST_SCALE, AdapterSet, TransformerAdapters, WantedAdapter
 from flux_lora.lora.cache import LoraCache
 from flux_lora.lora.fetch import LoraFetcher
@@ -30,12 +30,12 @@ from flux_lora.models.locate import locate_models
 from flux_lora.output import save_images
 from flux_lora.pipeline import FluxPipelines, release_memory
 from flux_lora.safety import SafetyChecker
-from flux_lora.schema import CUSTOM, GenerationRequest, check_request, resolve_size
+from flux_lora.schema import CUSTOM, MAX_IMAGE_SIDE, GenerationRequest, check_request, resolve_size
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = DEFAULT_MODEL_DIR / "lora-cache"
-CANCEL_POLL_S = 0.05
+POLL_S = 0.05  # how often the waiting thread looks for a cancel or a passed limit
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class FluxLoraService:
         # Kept as a reference, fetched through the cache when needed, so eviction cannot strand it.
         self.trained_lora = trained_lora
         self._adapters: dict[tuple[str, bool], TransformerAdapters] = {}  # per transformer: (release, fp8)
+        # Wall-clock limits of a prediction's phases (FLUX_LORA_*_LIMIT_S).
+        self.phase_limits = phase_limits_from_env()
         # FLUX_LORA_INSPECT_FILE: the inventory (`inspect --json`), rewritten after every prediction.
         self.inspect_file = inspect_file
         # coglet calls run() from whichever of its tokio threads is free, and torch's OpenMP
@@ -102,23 +104,24 @@ class FluxLoraService:
     def predict(self, request: GenerationRequest) -> Prediction:
         """Runs the prediction on the torch thread. coglet cancels by raising in *this* thread,
         which a blocking wait would not notice until the work ends: so we wait in short slices,
-        and on cancellation tell the work to stop at its next denoising step, wait for it to
-        stop (the next prediction must start clean), and let the cancellation through."""
-        cancel = threading.Event()
-        future = self._torch_thread.submit(self._predict_and_report, request, cancel)
+        polling the phase limits, and on cancellation tell the work to stop at its next step (or
+        wake its blocked download), wait for it to stop (the next prediction must start clean),
+        and let the cancellation through."""
+        interrupt = Interrupt(self.phase_limits)
+        future = self._torch_thread.submit(self._predict_and_report, request, interrupt)
         try:
-            while not wait([future], timeout=CANCEL_POLL_S).done:
-                pass
+            while not wait([future], timeout=POLL_S).done:
+                interrupt.poll()
         except BaseException:
-            cancel.set()
+            interrupt.cancel()
             wait([future])
             log.info("Canceled")
             raise
         return future.result()
 
-    def _predict_and_report(self, request: GenerationRequest, cancel: threading.Event) -> Prediction:
+    def _predict_and_report(self, request: GenerationRequest, interrupt: Interrupt) -> Prediction:
         try:
-            return self._predict(request, cancel)
+            return self._predict(request, interrupt)
         finally:
             self._write_inventory()
 
@@ -126,17 +129,19 @@ class FluxLoraService:
         if self.inspect_file is not None:
             write_report(self, self.inspect_file)
 
-    def _predict(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Prediction:
+    def _predict(self, request: GenerationRequest, interrupt: Interrupt) -> Prediction:
         # 1. Rules across fields (cog has checked each field alone).
         check_request(request)
 
         # 2. Inputs and size: image modes take the input's size, txt2img the table's.
         image = mask = None
         if request.image is not None:
-            image = load_image(self.image_fetcher.fetch(request.image, "image"))
-            size = image.size
-            if request.mask is not None:
-                mask = load_mask(self.image_fetcher.fetch(request.mask, "mask"), size)
+            with interrupt.phase("fetch"):
+                image = load_image(self.image_fetcher.fetch(request.image, "image", interrupt))
+                size = image.size
+                self._check_side(size)
+                if request.mask is not None:
+                    mask = load_mask(self.image_fetcher.fetch(request.mask, "mask", interrupt), size)
         else:
             size = resolve_size(request)
 
@@ -150,7 +155,7 @@ class FluxLoraService:
             log.info("go_fast: custom sizes run in %s, as the schema says", dtype_name(self.pipelines.dtype))
 
         # 5. LoRAs: fetched (from the cache when there), then made the transformer's adapters.
-        metrics = self._apply_loras(request, fast)
+        metrics = self._apply_loras(request, fast, interrupt)
         if fast:
             compiled = ", compiled" if self.pipelines.compiler else ""
             log.info("go_fast: %s%s", self.pipelines.fast_modes[request.model], compiled)
@@ -158,9 +163,10 @@ class FluxLoraService:
         # 6. Generate and save. Files of the previous prediction have been delivered by now.
         log.info("%s %s %dx%d, %d step(s)", request.model, request.mode, *size, request.num_inference_steps)
         try:
-            images = self.pipelines.generate(
-                request, size=size, seed=seed, image=image, mask=mask, fast=fast, cancel=cancel
-            )
+            with interrupt.phase("generate"):
+                images = self.pipelines.generate(
+                    request, size=size, seed=seed, image=image, mask=mask, fast=fast, interrupt=interrupt
+                )
         except BaseException as err:
             release_memory(self.pipelines.device)
             if isinstance(err, torch.OutOfMemoryError):
@@ -175,6 +181,15 @@ class FluxLoraService:
         folder = self._fresh_output_dir()
         return Prediction(save_images(images, folder, request.output_format, request.output_quality), metrics)
 
+    def _check_side(self, size: tuple[int, int]) -> None:
+        smallest = self.pipelines.min_side
+        if min(size) < smallest:
+            raise InputError(
+                f"image: scaled to fit {MAX_IMAGE_SIDE} px it is {size[0]}x{size[1]}, and this model draws "
+                f"at least {smallest} px a side. Send a larger image, or one less narrow (sides within "
+                f"1:{MAX_IMAGE_SIDE // smallest} of each other)."
+            )
+
     def _safe_only(self, images: list) -> list:
         unsafe = self.safety.unsafe_indices(images)
         if not unsafe:
@@ -187,7 +202,10 @@ class FluxLoraService:
         log.info("Safety checker: output(s) %s flagged and left out", ", ".join(map(str, unsafe)))
         return [image for index, image in enumerate(images) if index not in unsafe]
 
-    def _apply_loras(self, request: GenerationRequest, fast: bool) -> dict[str, float]:
+    def _apply_loras(
+        self, request: GenerationRequest, fast: bool, interrupt: Interrupt | None = None
+    ) -> dict[str, float]:
+        interrupt = interrupt or Interrupt(self.phase_limits)
         started = time.perf_counter()
         sources: list[tuple[str, LoraRef, float]] = []
         if request.replicate_weights:
@@ -202,7 +220,8 @@ class FluxLoraService:
 
         wanted, from_cache = [], True
         for label, ref, scale in sources:
-            fetched = self.fetcher.fetch(ref, label)
+            with interrupt.phase("fetch"):
+                fetched = self.fetcher.fetch(ref, label, interrupt)
             from_cache &= fetched.from_cache
             if fetched.trigger_word and fetched.trigger_word.lower() not in request.prompt.lower():
                 log.info(
@@ -221,7 +240,8 @@ class FluxLoraService:
             self._adapters[key] = self.pipelines.lora_slots.get(key) or AdapterSet(
                 self.pipelines.variant(request.model, fast=fast).txt2img.transformer
             )
-        self._adapters[key].activate(wanted, multiplier)
+        with interrupt.phase("load"):
+            self._adapters[key].activate(wanted, multiplier, interrupt.check)
         if not wanted:
             return {}
         return {"lora_load_time": time.perf_counter() - started, "lora_from_cache": float(from_cache)}

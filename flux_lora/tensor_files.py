@@ -15,14 +15,16 @@ from typing import NoReturn
 from flux_lora.errors import InputError
 
 MAX_HEADER_BYTES = 100 * 1024**2
-# Bytes per element, for the dtypes whose size is whole (others skip the size check).
-SIZES = (
-    (8, "F64 I64 U64"),
-    (4, "F32 I32 U32"),
-    (2, "F16 BF16 I16 U16"),
-    (1, "I8 U8 BOOL F8_E4M3 F8_E5M2 F8_E8M0"),
+# Bits per element of every dtype the safetensors format names; any other dtype is refused.
+BITS = (
+    (64, "F64 I64 U64 C64"),
+    (32, "F32 I32 U32"),
+    (16, "F16 BF16 I16 U16"),
+    (8, "I8 U8 BOOL F8_E4M3 F8_E5M2 F8_E8M0"),
+    (6, "F6_E2M3 F6_E3M2"),
+    (4, "F4"),
 )
-DTYPE_BYTES = {dtype: size for size, names in SIZES for dtype in names.split()}
+DTYPE_BITS = {dtype: bits for bits, names in BITS for dtype in names.split()}
 
 
 def verify_safetensors(path: Path, where: str) -> None:
@@ -42,6 +44,8 @@ def verify_safetensors(path: Path, where: str) -> None:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
         _not_safetensors(where, "its header is not JSON")
+    except RecursionError:
+        _not_safetensors(where, "its header is JSON nested too deep to be a tensor table")
     if not isinstance(header, dict):
         _not_safetensors(where, "its header is not a JSON object")
     spans = []
@@ -60,9 +64,11 @@ def verify_safetensors(path: Path, where: str) -> None:
             and 0 <= offsets[0] <= offsets[1]
         ):
             _not_safetensors(where, f"tensor {name!r} has no valid dtype, shape and data_offsets")
-        if dtype in DTYPE_BYTES and offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
+        if dtype not in DTYPE_BITS:
+            _not_safetensors(where, f"tensor {name!r} has the unknown dtype {dtype[:20]!r}")
+        if offsets[1] - offsets[0] != -(-math.prod(shape) * DTYPE_BITS[dtype] // 8):
             _not_safetensors(
-                where, f"tensor {name!r} has {offsets[1] - offsets[0]} bytes for its shape {shape}"
+                where, f"tensor {name!r} has {offsets[1] - offsets[0]} bytes for its shape {shape[:8]}"
             )
         spans.append((offsets[0], offsets[1], name))
     if not spans:

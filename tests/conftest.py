@@ -29,8 +29,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--all",
         action="store_true",
-        help="also run the slow tier (tests marked slow: demo training, compiled server, benchmark "
-        "harness, soak, fuzz); ./scripts/test runs without it, as CI does",
+        help="also run the slow tier (tests marked slow: demo training, the compiled path, the "
+        "benchmark harness, soak, fuzz, a few servers of their own); ./scripts/test runs without it, "
+        "as CI does",
     )
 
 

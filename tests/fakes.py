@@ -198,6 +198,19 @@ class FakeServer:
 
         self.route(re.escape(path), handle)
 
+    def drip(self, path: str, data: bytes, *, every_s: float) -> None:
+        """Sends `data` one byte every `every_s` seconds: never silent for long, never done soon."""
+
+        def handle(ex: Exchange) -> None:
+            ex.start(200, {"Content-Type": "application/octet-stream"}, len(data))
+            for byte in data:
+                if self.closing.wait(every_s):
+                    break
+                ex.write(bytes([byte]))
+            ex.handler.close_connection = True
+
+        self.route(re.escape(path), handle)
+
     # Dispatch.
 
     def _dispatch(self, handler: BaseHTTPRequestHandler, method: str) -> None:
@@ -528,6 +541,35 @@ class Webhooks:
                     return body
             time.sleep(0.02)
         raise AssertionError(f"no webhook for {prediction_id} within {timeout} s")
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class RefusingProxy:
+    """An egress proxy that refuses everything (403) and records what it was asked: what a
+    deployment puts in front of coglet so webhooks cannot reach private addresses."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str]] = []
+        asked = self.asked
+
+        class Handler(BaseHTTPRequestHandler):
+            def refuse(self) -> None:
+                asked.append((self.command, self.path))
+                self.send_response(403)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_CONNECT = refuse
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def close(self) -> None:
         self.httpd.shutdown()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,23 +14,112 @@ import pytest
 from flux_lora.dev.cog_server import CogServer, bytes_to_data_uri
 from flux_lora.testing import tiny
 from tests.conftest import NO_SERVICES, becomes_ready, output_images, predict_failed, predict_ok
-from tests.fakes import Exchange, FakeServer
+from tests.fakes import Exchange, FakeServer, Webhooks
 
 FAULTS = Path(__file__).parent / "faults"
 QUICK = {"num_inference_steps": 2, "megapixels": "0.25", "seed": 4, "output_format": "png"}
 
 
+GENERATE_LIMIT_S = 3  # QUICK takes a fraction of a second here, SLOW several seconds
+SLOW = {"prompt": "a cat", "num_inference_steps": 50, "seed": 1}  # 1024x1024
+
+
 @pytest.fixture(scope="module")
 def faulty_server(tiny_model_dir, tmp_path_factory) -> Iterator[CogServer]:
+    folder = tmp_path_factory.mktemp("faulty")
     env = {
         "FLUX_MODEL_DIR": str(tiny_model_dir),
-        "FLUX_LORA_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+        "FLUX_LORA_CACHE_DIR": str(folder / "cache"),
         "PYTHONPATH": str(FAULTS),
+        "FLUX_LORA_ALLOW_PRIVATE_URLS": "1",  # LoRAs from the loopback servers below
+        "FLUX_LORA_GENERATE_LIMIT_S": str(GENERATE_LIMIT_S),
+        "FAULT_LOAD_STARTED": str(folder / "load-started"),
         **NO_SERVICES,
     }
     with CogServer(env=env) as server:
         assert server.start()["status"] == "READY"
+        server.folder = folder
         yield server
+
+
+def cached_files(server: CogServer) -> list[Path]:
+    return [p for p in (server.folder / "cache").rglob("*") if p.is_file() and p.suffix != ".lock"]
+
+
+def cancel_when(server: CogServer, webhooks: Webhooks, prediction: dict, ready: Callable[[], bool]) -> dict:
+    """Start `prediction` async, cancel it once `ready()`; returns its final state and how long
+    the cancel took to land (seconds, in "stopped_in")."""
+    assert server.post("/predictions", prediction, headers={"Prefer": "respond-async"})[0] == 202
+    deadline = time.monotonic() + 30
+    while not ready():
+        assert time.monotonic() < deadline, "the prediction never reached the phase to cancel"
+        time.sleep(0.02)
+    canceled_at = time.monotonic()
+    assert server.post(f"/predictions/{prediction['id']}/cancel", {})[0] == 200
+    result = webhooks.wait_for(prediction["id"], timeout=30)
+    return {**result, "stopped_in": time.monotonic() - canceled_at}
+
+
+def test_cancel_wakes_a_download_from_a_silent_server_and_keeps_nothing(
+    faulty_server: CogServer, server: CogServer, webhooks: Webhooks
+):
+    lora = tiny.random_lora(seed=11)
+    with FakeServer() as files:
+        files.stall("/silent.safetensors", lora, seconds=60)
+        prediction = {
+            "id": "cancel-download",
+            "input": {"prompt": "a cat", "replicate_weights": f"{files.url}/silent.safetensors", **QUICK},
+            "webhook": webhooks.url,
+            "webhook_events_filter": ["completed"],
+        }
+        result = cancel_when(
+            faulty_server, webhooks, prediction, lambda: files.sent.get("/silent.safetensors")
+        )
+    assert result["status"] == "canceled" and result["stopped_in"] < 2.0, result
+    assert cached_files(faulty_server) == []
+    assert becomes_ready(faulty_server)
+    after = output_images(predict_ok(faulty_server, prompt="a cat", **QUICK))
+    assert after == output_images(predict_ok(server, prompt="a cat", **QUICK))  # as a fresh container
+
+
+def test_cancel_during_lora_loading_rolls_the_adapters_back(
+    faulty_server: CogServer, server: CogServer, webhooks: Webhooks
+):
+    """Each FAULT_SLOW LoRA takes a second to load: the cancel lands mid-load, takes effect when
+    that load ends, and what was loaded is removed."""
+    started = faulty_server.folder / "load-started"
+    started.unlink(missing_ok=True)
+    with FakeServer() as files:
+        files.file("/FAULT_SLOW-a.safetensors", tiny.random_lora(seed=12))
+        files.file("/FAULT_SLOW-b.safetensors", tiny.random_lora(seed=13))
+        prediction = {
+            "id": "cancel-load",
+            "input": {
+                "prompt": "a cat",
+                "replicate_weights": f"{files.url}/FAULT_SLOW-a.safetensors",
+                "extra_lora": f"{files.url}/FAULT_SLOW-b.safetensors",
+                **QUICK,
+            },
+            "webhook": webhooks.url,
+            "webhook_events_filter": ["completed"],
+        }
+        result = cancel_when(faulty_server, webhooks, prediction, started.exists)
+    assert result["status"] == "canceled" and result["stopped_in"] < 2.5, result
+    assert "loaded into" in result["logs"] and " txt2img " not in result["logs"], result["logs"]
+    assert becomes_ready(faulty_server)
+    after = output_images(predict_ok(faulty_server, prompt="a cat", **QUICK))
+    assert after == output_images(predict_ok(server, prompt="a cat", **QUICK))
+
+
+def test_a_generation_past_its_limit_fails_naming_the_limit(faulty_server: CogServer, server: CogServer):
+    started = time.monotonic()
+    error = predict_failed(faulty_server, **SLOW)
+    assert time.monotonic() - started < GENERATE_LIMIT_S + 3
+    assert f"denoising and decoding the images took longer than its limit of {GENERATE_LIMIT_S} s" in error
+    assert "FLUX_LORA_GENERATE_LIMIT_S" in error
+    assert becomes_ready(faulty_server)
+    after = output_images(predict_ok(faulty_server, prompt="a cat", **QUICK))
+    assert after == output_images(predict_ok(server, prompt="a cat", **QUICK))
 
 
 def test_out_of_memory_fails_the_request_with_the_fix_and_the_container_stays_ready(
@@ -43,6 +133,7 @@ def test_out_of_memory_fails_the_request_with_the_fix_and_the_container_stays_re
     assert after == output_images(predict_ok(server, prompt="a cat", **QUICK))  # as a fresh container
 
 
+@pytest.mark.slow
 def test_container_killed_mid_download_leaves_nothing_the_next_one_would_serve(tiny_model_dir, tmp_path):
     """The first server is SIGKILLed while the LoRA is half sent; a second server on the same
     cache folder must download it again, whole, and apply exactly what a clean fetch applies."""

@@ -255,8 +255,15 @@ def test_civitai_token_in_the_url_works_and_never_shows(world: World):
 def test_no_secret_in_any_log_or_response(world: World):
     """Runs last in this module (pytest keeps file order): every request above used the tokens."""
     world.body(replicate_weights="huggingface.co/bob/gated")
+    # Credentials under other names, in a query, a fragment and userinfo, in a request that fails.
+    named = {name: f"{URL_SECRET}_{name}" for name in ("hf_token", "password", "private_token", "api_key")}
+    query = "&".join(f"{name}={value}" for name, value in named.items())
+    world.error(
+        extra_lora=f"http://me:{URL_SECRET}_pw@127.0.0.1:9/l.safetensors?{query}#token={URL_SECRET}_f"
+    )
+    world.error(image=f"ftp://me:{URL_SECRET}_ftp@127.0.0.1:9/x.png?{query}")
     texts = [world.log_path.read_text(errors="replace"), *world.bodies]
-    for secret in [*SECRETS.values(), URL_SECRET]:
+    for secret in [*SECRETS.values(), URL_SECRET, *named.values()]:
         for text in texts:
             assert secret not in text
 
@@ -284,6 +291,7 @@ def test_cog_weights_is_the_default_main_lora_and_private_urls_are_refused(
         assert output_images(predict_ok(server, **FAST))[0][1] == own
 
 
+@pytest.mark.slow
 def test_cog_weights_that_cannot_be_fetched_fails_setup(tiny_model_dir, tmp_path):
     env = {
         "FLUX_MODEL_DIR": str(tiny_model_dir),

@@ -32,6 +32,8 @@ FIRST_RELEASE = "predict.py:FirstReleasePredictor"
 GO_FAST = "predict.py:GoFastPredictor"
 SMALL = {"aspect_ratio": "custom", "width": 256, "height": 256, "num_inference_steps": 1}
 
+SLOW = pytest.mark.slow  # a script's own server: the default tier keeps one of these
+
 
 def committed_schema(class_name: str) -> dict[str, Any]:
     return json.loads((REPO_ROOT / openapi.schema_path(class_name)).read_text())
@@ -243,8 +245,10 @@ def wait_ready(server: CogServer, process: subprocess.Popen, timeout: float = 18
 @pytest.mark.parametrize(
     ("args", "stub", "class_name", "signum"),
     [
-        (["--predictor", FIRST_RELEASE], None, "FirstReleasePredictor", signal.SIGTERM),
-        ([], GO_FAST, "GoFastPredictor", signal.SIGINT),
+        pytest.param(
+            ["--predictor", FIRST_RELEASE], None, "FirstReleasePredictor", signal.SIGTERM, marks=SLOW
+        ),
+        pytest.param([], GO_FAST, "GoFastPredictor", signal.SIGINT, marks=SLOW),
         ([], None, "Predictor", signal.SIGHUP),
     ],
     ids=["--predictor", "COG_PREDICT_TYPE_STUB", "default"],
@@ -276,6 +280,7 @@ def test_scripts_serve_serves_the_chosen_predictor(tiny_model_dir, tmp_path, arg
     assert not list((tmp_path / "tmp").glob("cog-*"))
 
 
+@pytest.mark.slow
 def test_scripts_predict_with_a_variant(tiny_model_dir, tmp_path):
     def run(*inputs: str) -> subprocess.CompletedProcess:
         command = [str(REPO_ROOT / "scripts" / "predict"), "--predictor", FIRST_RELEASE, "-o", str(tmp_path)]

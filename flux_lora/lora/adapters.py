@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
 PREFIX = "transformer."  # diffusers' prefix for transformer keys in a pipeline's LoRA
+MAX_LORA_TENSORS = 20_000
 GO_FAST_SCALE = 1.5  # the schema's documented multiplier for both LoRA scales under go_fast
 
 
@@ -50,9 +52,18 @@ class LoraWeights:
 def read_lora(path: str, label: str, display: str) -> LoraWeights:
     """The transformer part of a LoRA file in any supported format, in diffusers naming."""
     from diffusers import FluxPipeline
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    raw = load_file(path)
+    try:
+        raw = load_file(path)
+    except (SafetensorError, OSError) as err:  # verified when cached, but perhaps by older rules
+        raise InputError(f"{label}: {display} could not be read as safetensors ({_first_line(err)})") from err
+    if len(raw) > MAX_LORA_TENSORS:
+        raise InputError(
+            f"{label}: {display} holds {len(raw)} tensors; a FLUX.1 LoRA holds at most a few thousand "
+            f"(this container reads up to {MAX_LORA_TENSORS}). Is it a LoRA?"
+        )
     source: str | dict[str, torch.Tensor] = path
     if any(".lora_A." in key for key in raw) and any(key.startswith("diffusion_model.") for key in raw):
         source = {_bfl_ab_to_updown(key): value for key, value in raw.items()}
@@ -79,13 +90,20 @@ def read_lora(path: str, label: str, display: str) -> LoraWeights:
     return LoraWeights(transformer, alphas or None, metadata, text_encoder_keys)
 
 
+def no_stop() -> None:
+    """The `check` of a load nothing can stop."""
+
+
 class TransformerAdapters(Protocol):
     """LoRAs on one transformer: `AdapterSet` (peft adapters, any rank, eager) or `LoraSlots`
     (fixed slots a compiled graph reads). Either makes `wanted` current, or changes nothing and
     raises InputError."""
 
-    def activate(self, wanted: list[WantedAdapter], multiplier: float = 1.0) -> float:
-        """Returns the seconds spent loading (0.0 when nothing changed)."""
+    def activate(
+        self, wanted: list[WantedAdapter], multiplier: float = 1.0, check: Callable[[], None] = no_stop
+    ) -> float:
+        """Returns the seconds spent loading (0.0 when nothing changed). `check` raises to stop the
+        load (a cancel or a limit); it is called between LoRAs, and what was loaded is rolled back."""
         ...
 
 
@@ -98,7 +116,9 @@ class AdapterSet:
         self.loaded: dict[str, str] = {}  # identity -> adapter name
         self.active: dict[str, float] = {}  # adapter name -> weight, as last set
 
-    def activate(self, wanted: list[WantedAdapter], multiplier: float = 1.0) -> float:
+    def activate(
+        self, wanted: list[WantedAdapter], multiplier: float = 1.0, check: Callable[[], None] = no_stop
+    ) -> float:
         """Returns the seconds spent loading (0.0 when nothing changed)."""
         weights: dict[str, float] = {}
         for adapter in wanted:  # the same LoRA twice: one adapter, scales added (linear)
@@ -117,9 +137,11 @@ class AdapterSet:
                 if adapter.identity not in self.loaded:
                     name = adapter_name(adapter.identity)
                     if name not in newly_loaded:
+                        check()
                         self._load(adapter, name)
                         newly_loaded.append(name)
                     self.loaded[adapter.identity] = name
+            check()
             self._set_weights(weights)
         except Exception:
             self._rollback(newly_loaded, before_loaded, before_active)
@@ -147,6 +169,7 @@ class AdapterSet:
             )
         if not weights.state_dict:
             raise InputError(f"{adapter.label}: {adapter.display} has no weights for the FLUX transformer.")
+        _check_pairs(weights.state_dict, adapter)
         try:
             with warnings.catch_warnings():
                 # peft warns whenever a second adapter joins the first: here that is the intent.
@@ -160,7 +183,7 @@ class AdapterSet:
                     network_alphas=_prefixed(weights.network_alphas) if weights.network_alphas else None,
                     metadata=weights.metadata,
                 )
-        except (RuntimeError, ValueError, KeyError) as err:
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as err:
             raise InputError(
                 f"{adapter.label}: {adapter.display} does not fit this FLUX transformer "
                 f"({_first_line(err)}). Is it a LoRA for FLUX.1 [dev] or [schnell], not another model?"
@@ -194,6 +217,24 @@ class AdapterSet:
 
     def _modules_with(self, name: str) -> int:
         return sum(1 for module in self.transformer.modules() if name in getattr(module, "lora_A", {}))
+
+
+def _check_pairs(state_dict: dict[str, torch.Tensor], adapter: WantedAdapter) -> None:
+    """Each layer's down (lora_A) and up (lora_B) matrices, both present: what peft loads."""
+    downs = {k.removesuffix(".lora_A.weight") for k in state_dict if k.endswith(".lora_A.weight")}
+    ups = {k.removesuffix(".lora_B.weight") for k in state_dict if k.endswith(".lora_B.weight")}
+    where = f"{adapter.label}: {adapter.display}"
+    if not downs and not ups:
+        raise InputError(
+            f"{where} has no LoRA matrices for the FLUX transformer (its keys look like "
+            f"{_sample(state_dict)}). Is it a LoRA for FLUX.1 [dev] or [schnell]?"
+        )
+    unpaired = sorted(downs ^ ups)
+    if unpaired:
+        raise InputError(
+            f"{where} is not a whole LoRA: {len(unpaired)} layer(s) have only one of lora_A and lora_B "
+            f"(e.g. {unpaired[0]}). Download it again, or ask its author for the complete file."
+        )
 
 
 def _prefixed(tensors: dict) -> dict:

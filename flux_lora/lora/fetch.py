@@ -12,19 +12,16 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import tarfile
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from flux_lora.errors import ConfigError, DownloadError, InputError
+from flux_lora.errors import DownloadError, FluxLoraError, InputError
 from flux_lora.http import (
     ALLOW_PRIVATE_ENV,
     CHUNK,
@@ -37,14 +34,23 @@ from flux_lora.http import (
     status_message,
     too_large,
 )
+from flux_lora.interrupt import (
+    DEFAULT_DOWNLOAD_LIMIT_S,
+    DOWNLOAD_LIMIT_ENV,
+    CheckedReader,
+    Interrupt,
+    seconds_from_env,
+)
 from flux_lora.lora.cache import LoraCache
-from flux_lora.lora.files import extract_safetensors
+from flux_lora.lora.files import TAR_SNIFF_BYTES, extract_safetensors, is_tarball
 from flux_lora.lora.refs import LoraRef
 from flux_lora.tensor_files import verify_safetensors
 
 log = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 16 * 1024**2
+TIMEOUT_ENV = "FLUX_LORA_DOWNLOAD_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,8 @@ class LoraFetcher:
         cache: LoraCache,
         *,
         max_download_bytes: int = 2 * 1024**3,
-        timeout_s: float = 30.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        limit_s: float = DEFAULT_DOWNLOAD_LIMIT_S,
         allow_private: bool | None = None,
         is_public_address: AddressPolicy = is_public_address,
     ) -> None:
@@ -74,6 +81,7 @@ class LoraFetcher:
         self.timeout_s = timeout_s
         self.http = SafeHttp(
             timeout_s=timeout_s,
+            limit_s=limit_s,
             max_bytes=max_download_bytes,
             allowed_private=allowed_private,
             is_public_address=is_public_address,
@@ -81,25 +89,21 @@ class LoraFetcher:
 
     @classmethod
     def from_env(cls, cache: LoraCache) -> LoraFetcher:
-        """FLUX_LORA_DOWNLOAD_TIMEOUT_S (seconds without data before a download fails, default 30)
-        and FLUX_LORA_ALLOW_PRIVATE_URLS."""
-        raw = os.environ.get("FLUX_LORA_DOWNLOAD_TIMEOUT_S", "").strip()
-        if not raw:
-            return cls(cache)
-        try:
-            seconds = float(raw)
-        except ValueError:
-            seconds = math.nan
-        if not math.isfinite(seconds) or seconds <= 0:
-            raise ConfigError(
-                f"FLUX_LORA_DOWNLOAD_TIMEOUT_S={raw!r} is not a duration: set it to a number of seconds "
-                "above 0 (e.g. 30), or unset it for the default of 30"
-            )
-        return cls(cache, timeout_s=seconds)
+        """FLUX_LORA_DOWNLOAD_TIMEOUT_S (seconds without data before a download fails, default 30),
+        FLUX_LORA_DOWNLOAD_LIMIT_S (seconds for a whole download, default 600) and
+        FLUX_LORA_ALLOW_PRIVATE_URLS."""
+        return cls(
+            cache,
+            timeout_s=seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S),
+            limit_s=seconds_from_env(DOWNLOAD_LIMIT_ENV, DEFAULT_DOWNLOAD_LIMIT_S),
+        )
 
-    def fetch(self, ref: LoraRef, input_name: str) -> FetchedLora:
+    def fetch(self, ref: LoraRef, input_name: str, interrupt: Interrupt | None = None) -> FetchedLora:
+        """The LoRA `ref` names, from the cache or fetched into it. `interrupt` stops the fetch
+        between chunks; what it had written is removed, and nothing reaches the cache."""
+        interrupt = interrupt or Interrupt()
         where = f"{input_name}: {ref.display}"
-        identity = ref.identity
+        identity = ref.identity if ref.scope is None else f"{ref.identity}|credentials:{ref.scope}"
         if ref.kind == "local":
             path = Path(ref.url).expanduser()
             if not path.is_file():
@@ -117,7 +121,8 @@ class LoraFetcher:
                 return FetchedLora(entry.path, True, entry.meta.get("trigger_word"), ref.display)
             started = time.monotonic()
             with self.cache.staging(key) as staged:
-                trigger_word = self._fetch_into(ref, staged, input_name, where)
+                trigger_word = self._fetch_into(ref, staged, input_name, where, interrupt)
+                interrupt.check()
                 verify_safetensors(staged, where)
                 size = staged.stat().st_size
                 meta = {"display": ref.display, "kind": ref.kind, "trigger_word": trigger_word, "bytes": size}
@@ -125,36 +130,41 @@ class LoraFetcher:
         log.info("LoRA %s: fetched %d bytes in %.1f s", ref.display, size, time.monotonic() - started)
         return FetchedLora(entry.path, ref.kind == "local", trigger_word, ref.display)
 
-    def _fetch_into(self, ref: LoraRef, staged: Path, input_name: str, where: str) -> str | None:
+    def _fetch_into(
+        self, ref: LoraRef, staged: Path, input_name: str, where: str, interrupt: Interrupt
+    ) -> str | None:
         """Write the LoRA's .safetensors to `staged`; returns the trigger word when a tarball has one."""
         if ref.kind == "local":
             with Path(ref.url).expanduser().open("rb") as file:
-                return extract_safetensors(file, staged, where, self.max_bytes)
+                return extract_safetensors(CheckedReader(file, interrupt), staged, where, self.max_bytes)
         if ref.kind == "data":
             data = decode_data_url(ref.url, where, self.max_bytes)
-            if tarfile.is_tarfile(io.BytesIO(data)):
-                return extract_safetensors(io.BytesIO(data), staged, where, self.max_bytes)
+            if is_tarball(data[:TAR_SNIFF_BYTES]):
+                source = CheckedReader(io.BytesIO(data), interrupt)
+                return extract_safetensors(source, staged, where, self.max_bytes)
             staged.write_bytes(data)
             return None
         if ref.kind == "huggingface":
-            self._fetch_huggingface(ref, staged, input_name, where)
+            self._fetch_huggingface(ref, staged, input_name, where, interrupt)
             return None
         if ref.kind == "civitai":
-            self._fetch_civitai(ref, staged, input_name, where)
+            self._fetch_civitai(ref, staged, input_name, where, interrupt)
             return None
         if ref.kind not in ("url", "replicate"):
             raise InputError(f"{where}: unsupported LoRA source {ref.kind!r}")
         headers = _bearer("REPLICATE_API_TOKEN") if ref.kind == "replicate" else {}
-        with self.http.get(ref.url, where, headers) as body:
+        with self.http.get(ref.url, where, headers, interrupt=interrupt) as body:
             if ref.is_tar:
                 return extract_safetensors(body, staged, where, self.max_bytes)
             _copy(body, staged)
         return None
 
-    def _fetch_huggingface(self, ref: LoraRef, staged: Path, input_name: str, where: str) -> None:
+    def _fetch_huggingface(
+        self, ref: LoraRef, staged: Path, input_name: str, where: str, interrupt: Interrupt
+    ) -> None:
         # Imported here: huggingface_hub is slow to import and only this source needs it.
         import httpx2
-        from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
+        from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
         from huggingface_hub.errors import (
             EntryNotFoundError,
             GatedRepoError,
@@ -178,21 +188,12 @@ class LoraFetcher:
             meta = get_hf_file_metadata(url, token=token, timeout=self.timeout_s, endpoint=endpoint)
             if meta.size is not None and meta.size > self.max_bytes:
                 raise too_large(where, self.max_bytes)
-            # hf_hub_download with local_dir writes beside our staging file (same filesystem), not into
-            # HF's own cache; the file is then moved into place, so no second copy stays behind.
-            with tempfile.TemporaryDirectory(dir=staged.parent, prefix=f"{staged.name}.hf-") as folder:
-                path = hf_hub_download(
-                    repo,
-                    filename,
-                    revision=meta.commit_hash or revision,
-                    local_dir=folder,
-                    endpoint=endpoint,
-                    token=token,
-                    etag_timeout=self.timeout_s,
-                )
-                if Path(path).stat().st_size > self.max_bytes:
-                    raise too_large(where, self.max_bytes)
-                os.replace(path, staged)
+            # The file itself through our downloader: the address policy, bounds, limits and cancel
+            # of every other download (the token goes to the Hub only, never to its CDN).
+            file_url = hf_hub_url(repo, filename, revision=meta.commit_hash or revision, endpoint=endpoint)
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            with self.http.get(file_url, where, headers, interrupt=interrupt) as body:
+                _copy(body, staged)
         except GatedRepoError as err:
             fix = (
                 "the token in HF_TOKEN was refused: check that its account has access"
@@ -219,13 +220,15 @@ class LoraFetcher:
                 message = f"could not be downloaded: {status_message(status or 0)}"
             raise DownloadError(f"{repo_text} {message}") from err
         except (httpx2.TransportError, OSError) as err:
-            if isinstance(err, (InputError, DownloadError)):
+            if isinstance(err, FluxLoraError):  # ours, already worded (a limit is a TimeoutError)
                 raise
             raise DownloadError(
                 f"{repo_text} could not be reached ({type(err).__name__}); try again"
             ) from err
 
-    def _fetch_civitai(self, ref: LoraRef, staged: Path, input_name: str, where: str) -> None:
+    def _fetch_civitai(
+        self, ref: LoraRef, staged: Path, input_name: str, where: str, interrupt: Interrupt
+    ) -> None:
         # A token the user put in the link wins over CIVITAI_API_TOKEN: send only one of them.
         url_has_token = re.search(r"(^|&)token=.", urlsplit(ref.url).query) is not None
         headers = {} if url_has_token else _bearer("CIVITAI_API_TOKEN")
@@ -242,7 +245,9 @@ class LoraFetcher:
                 401: refused,
                 403: refused,
             }
-            with self.http.get(ref.url, where, headers, messages, limit=MAX_JSON_BYTES) as body:
+            with self.http.get(
+                ref.url, where, headers, messages, limit=MAX_JSON_BYTES, interrupt=interrupt
+            ) as body:
                 raw = body.read()
             try:
                 version = str(int(json.loads(raw)["modelVersions"][0]["id"]))
@@ -260,7 +265,7 @@ class LoraFetcher:
             401: refused,
             403: refused,
         }
-        with self.http.get(url, where, headers, messages) as body:
+        with self.http.get(url, where, headers, messages, interrupt=interrupt) as body:
             _copy(body, staged)
 
 

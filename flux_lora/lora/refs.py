@@ -1,7 +1,9 @@
 """Parsing LoRA references (`replicate_weights`, `extra_lora`, `COG_WEIGHTS`): pure, no I/O.
 
 A reference becomes a `LoraRef` that says what kind of source it is, what would be fetched
-first, how to show it without secrets, and a secret-free identity for the download cache.
+first, how to show it without secrets, a secret-free identity, and the digest of the credentials
+the reference itself carries (a token in its query, user:password@): the download cache keys by
+both, so a file fetched with a credential never reaches a caller who did not present it.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote
 
 from flux_lora.errors import InputError
-from flux_lora.http import redact, without_secrets
+from flux_lora.http import checked_url, redact, split_credentials
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HF_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
@@ -49,6 +51,7 @@ class LoraRef:
     url: str  # what is fetched first (may hold secrets: never log it), or the local path
     display: str  # for logs and messages: secrets replaced by ***
     identity: str  # secret-free identity of the weights, for the cache key
+    scope: str | None = None  # digest of the credentials in the reference, also in the cache key
     is_tar: bool = False
     repo_id: str | None = None  # Hugging Face
     revision: str | None = None
@@ -88,7 +91,7 @@ def parse_lora_ref(
         else:
             raise InputError(f"{input_name}: {redact(text)!r} is not a LoRA reference. Use {EXAMPLES}.")
 
-    parts = urlsplit(text)
+    parts = checked_url(text, f"{input_name}: {redact(text)!r}")
     host = (parts.hostname or "").lower()
     if host in HF_HOSTS:
         return _huggingface_ref(parts, input_name, endpoints)
@@ -116,6 +119,8 @@ def describe(ref: LoraRef) -> str:
     if then:
         lines.append(f"then: {then}")
     lines.append(f"identity: {ref.identity}")
+    if ref.scope:
+        lines.append("cached for: callers who send the same credentials (the reference carries some)")
     return "\n".join(lines)
 
 
@@ -181,7 +186,10 @@ def _civitai_ref(parts, input_name: str, endpoints: Endpoints) -> LoraRef:
         url = f"{endpoints.civitai}/api/download/models/{version_id}" + (
             f"?{parts.query}" if parts.query else ""
         )
-        return LoraRef("civitai", url, redact(url), f"civitai:version:{version_id}", version_id=version_id)
+        scope = split_credentials(url)[1]
+        return LoraRef(
+            "civitai", url, redact(url), f"civitai:version:{version_id}", scope, version_id=version_id
+        )
     raise InputError(
         f"{input_name}: {redact(parts.geturl())!r} is not a CivitAI model link. Use "
         "civitai.com/models/<id>[/<name>][?modelVersionId=<version>]."
@@ -193,7 +201,8 @@ def _url_ref(text: str, parts, input_name: str) -> LoraRef:
     is_tar = path.endswith(".tar")
     if not is_tar:
         _check_suffix(path, text, input_name)
-    return LoraRef("url", text, redact(text), f"url:{without_secrets(text)}", is_tar=is_tar)
+    identity, scope = split_credentials(text)
+    return LoraRef("url", text, redact(text), f"url:{identity}", scope, is_tar=is_tar)
 
 
 def _check_suffix(path: str, text: str, input_name: str) -> None:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 
 from flux_lora.errors import ConfigError, InputError
-from flux_lora.lora.adapters import LoraWeights, WantedAdapter, read_lora
+from flux_lora.lora.adapters import LoraWeights, WantedAdapter, no_stop, read_lora
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,11 @@ class LoraSlots:
         log.info("LoRA slots: %d of rank %d on %d linear layers", len(SLOTS), max_rank, len(linear))
         return slots
 
-    def activate(self, wanted: list[WantedAdapter], multiplier: float = 1.0) -> float:
-        """Makes the slots hold `wanted` (at most one per slot, in order); returns the seconds spent."""
+    def activate(
+        self, wanted: list[WantedAdapter], multiplier: float = 1.0, check: Callable[[], None] = no_stop
+    ) -> float:
+        """Makes the slots hold `wanted` (at most one per slot, in order); returns the seconds spent.
+        `check` raises to stop (a cancel or a limit): between LoRAs, before any slot is written."""
         if len(wanted) > len(SLOTS):
             raise ValueError(f"at most {len(SLOTS)} LoRAs at once, got {len(wanted)}")
         targets = {slot: None for slot in SLOTS}
@@ -84,7 +88,12 @@ class LoraSlots:
         started = time.perf_counter()
         adapters = dict(zip(SLOTS, wanted, strict=False))
         # Read and check every new LoRA before writing any slot: a bad one changes nothing.
-        staged = {slot: self._checked(adapters[slot]) for slot in changed if adapters.get(slot) is not None}
+        staged = {}
+        for slot in changed:
+            if adapters.get(slot) is not None:
+                check()
+                staged[slot] = self._checked(adapters[slot])
+        check()
         for slot in changed:
             try:
                 if slot in staged:

@@ -182,3 +182,15 @@ def test_the_committed_record_meets_its_targets():
     for model in ("dev", "schnell"):
         assert record["lora"][model] == {"striped_at_scale_1": 1.0, "striped_at_scale_0": 0.0}
     assert architecture.folder_size(DEMO) < 15_000_000
+
+
+@pytest.mark.parametrize("size", [(1, 1), (16384, 16), (16, 16384)])
+def test_an_image_too_small_or_narrow_to_draw_is_refused_naming_the_limit(demo_server: CogServer, size):
+    """The demo model's VAE halves 5 times: scaled to fit 1440 px, these images would have a
+    side under one packed latent (32 px). diffusers said `height and width must be > 0`."""
+    image = image_data_uri(Image.new("RGB", size, (200, 40, 40)))
+    status, body = demo_server.predict(
+        {**BASE, "prompt": "a red circle on a blue background", "image": image}
+    )
+    assert status == 200 and body["status"] == "failed", body
+    assert "image: scaled to fit 1440 px" in body["error"] and "at least 32 px a side" in body["error"]

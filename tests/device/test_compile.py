@@ -30,6 +30,10 @@ from tests.conftest import NO_SERVICES, becomes_ready, image_data_uri, predict_f
 MAX_RANK = 8
 FAST = {"num_inference_steps": 2, "megapixels": "0.25", "seed": 3}
 
+# torch.compile (eager backend) on the CPU: the compiled path serves CUDA GPUs only, and
+# compiling takes seconds a test, so the whole module is in the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def write_lora(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     safetensors.torch.save_file(tensors, path)
@@ -130,7 +134,6 @@ def test_two_slots_give_what_two_peft_adapters_give(base, compiled: Compiled, lo
     torch.testing.assert_close(run(compiled.transformer), run(reference), rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_swaps_scales_sizes_and_batches_never_recompile(compiled: Compiled, loras):
     pristine = run(compiled.transformer, tokens=64)
     run(compiled.transformer, tokens=64, batch=2)
@@ -152,7 +155,6 @@ def test_swaps_scales_sizes_and_batches_never_recompile(compiled: Compiled, lora
     assert torch.equal(run(compiled.transformer), pristine)  # cleared slots: exactly as before
 
 
-@pytest.mark.slow
 def test_the_counter_sees_a_recompile(compiled: Compiled):
     """The check above could not fail if the counter missed recompiles: a new dtype must count."""
     run(compiled.transformer)
@@ -201,7 +203,6 @@ def compiled_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
         yield server
 
 
-@pytest.mark.slow
 def test_a_compiled_server_serves_every_mode_and_swap_without_compiling(compiled_server: CogServer, loras):
     setup_log = compiled_server.log_path.read_text()
     assert "torch.compile (eager): 4 transformers warmed up on 2 shapes each, 8 compilations" in setup_log
@@ -224,7 +225,6 @@ def test_a_compiled_server_serves_every_mode_and_swap_without_compiling(compiled
         assert becomes_ready(compiled_server)
 
 
-@pytest.mark.slow
 def test_a_compiled_server_refuses_a_rank_over_the_maximum_and_carries_on(compiled_server: CogServer, loras):
     big = f"data:application/octet-stream;base64,{_b64(loras['rank 16'])}"
     error = predict_failed(compiled_server, prompt="a cat", replicate_weights=big, **FAST)

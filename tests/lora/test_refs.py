@@ -4,7 +4,8 @@ import sys
 import pytest
 
 from flux_lora.errors import InputError
-from flux_lora.lora.refs import Endpoints, parse_lora_ref, redact, without_secrets
+from flux_lora.http import redact, split_credentials
+from flux_lora.lora.refs import Endpoints, parse_lora_ref
 from flux_lora.models.layout import REPO_ROOT
 
 ENDPOINTS = Endpoints(replicate="http://r.test", huggingface="http://hf.test", civitai="http://c.test")
@@ -136,11 +137,52 @@ def test_secrets_are_redacted_and_left_out_of_identities():
     ref = parse_lora_ref(text, "replicate_weights", ENDPOINTS)
     assert "SECRET" not in ref.display and "pw" not in ref.display and "SECRET" not in ref.identity
     assert redact(text) == "https://***@example.com/l.safetensors?token=***&x-amz-signature=***&v=1"
-    assert without_secrets(text) == "https://example.com/l.safetensors?v=1"
+    assert split_credentials(text)[0] == "https://example.com/l.safetensors?v=1"
     civitai = parse_lora_ref(
         "https://civitai.com/api/download/models/9?token=SECRET3", "extra_lora", ENDPOINTS
     )
     assert "SECRET3" in civitai.url and "SECRET3" not in civitai.display + civitai.identity
+
+
+@pytest.mark.parametrize(
+    "name", ["hf_token", "password", "private_token", "api_key", "X-Amz-Credential", "sessionid", "passwd"]
+)
+def test_every_credential_like_parameter_is_redacted_in_query_and_fragment(name: str):
+    text = f"https://example.com/l.safetensors?v=1&{name}=SECRET5#{name}=SECRET6"
+    assert redact(text) == f"https://example.com/l.safetensors?v=1&{name}=***#{name}=***"
+    # Any text, not only URLs this container fetches: an ftp URL named as an image, say.
+    assert redact(f"ftp://me:SECRET7@host/x.png?{name}=SECRET8") == f"ftp://***@host/x.png?{name}=***"
+
+
+def test_a_reference_with_credentials_has_its_own_cache_scope():
+    base = "https://example.com/l.safetensors?v=1"
+    good, wrong, bare = (
+        parse_lora_ref(url, "extra_lora", ENDPOINTS)
+        for url in (f"{base}&token=GOOD", f"{base}&token=WRONG", base)
+    )
+    assert good.identity == wrong.identity == bare.identity  # the same weights, as named
+    assert bare.scope is None and good.scope and wrong.scope and good.scope != wrong.scope
+    userinfo = parse_lora_ref("https://u:p@example.com/l.safetensors?v=1", "extra_lora", ENDPOINTS)
+    assert userinfo.scope not in (None, good.scope)
+    civitai = [
+        parse_lora_ref(f"https://civitai.com/api/download/models/9{q}", "extra_lora", ENDPOINTS).scope
+        for q in ("", "?token=A", "?token=B")
+    ]
+    assert civitai[0] is None and None not in civitai[1:] and civitai[1] != civitai[2]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("https://[::1/l.safetensors", "not a valid URL"),
+        ("https://example.com:99999/l.safetensors", "not a valid URL"),
+        ("https://example.com/l\x00.safetensors", "a space or a control character"),
+        ("https://example.com/my lora.safetensors", "a space or a control character"),
+    ],
+)
+def test_a_malformed_url_is_an_input_error_naming_the_input(text: str, says: str):
+    with pytest.raises(InputError, match=f"^extra_lora: .*{says}"):
+        parse_lora_ref(text, "extra_lora", ENDPOINTS)
 
 
 def test_endpoints_come_from_the_environment(monkeypatch):
