@@ -281,8 +281,8 @@ def _fetch(plan: RepoPlan, staging: Path, token: str | None, endpoint: str, prog
     interrupted = False
     try:
         futures = [pool.submit(fetch_one, name) for name in plan.files]
-        # Wait in slices: Linux may deliver Ctrl-C's signal to a download thread, and then a main
-        # thread blocked on a lock would not run Python's handler until a file finished.
+        # Wait in slices, so Python's signal handlers (Ctrl-C) run within SIGNAL_CHECK_S even if
+        # the kernel hands the signal to a download thread rather than to this one.
         pending = futures
         while pending:
             done, pending = wait(pending, timeout=SIGNAL_CHECK_S, return_when=FIRST_EXCEPTION)

@@ -340,7 +340,16 @@ def test_an_interrupted_download_resumes_without_fetching_complete_files_again(
         "PYTHONPATH": str(ROOT),
     }
     command = [sys.executable, "-m", "flux_lora.models.download", "--only", DEV, "--no-progress"]
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        # As from a terminal: a shell that starts the suite in the background without job control
+        # hands it SIGINT ignored, and the child would inherit that and never see the Ctrl-C.
+        preexec_fn=_default_sigint,
+    )
     staging = root / STAGING / DEV
     others = [name for name in sources[DEV] if name != TRANSFORMER]
     try:
@@ -476,3 +485,7 @@ def test_setup_without_token_names_both_ways_out(tmp_path):
             f"{models} does not hold FLUX.1-dev, FLUX.1-schnell, safety-checker, nsfw-image-detection" in logs
         )
         assert "Either set HF_TOKEN" in logs and "scripts/download-weights" in logs
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
