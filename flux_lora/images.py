@@ -23,9 +23,10 @@ from typing import BinaryIO
 from PIL import Image, ImageOps
 
 from flux_lora.errors import InputError
-from flux_lora.http import SafeHttp, decode_data_url, is_fetchable_url, redact
+from flux_lora.http import SafeHttp, decode_data_url
 from flux_lora.interrupt import Interrupt
 from flux_lora.schema import MAX_IMAGE_SIDE, fit_input_size
+from flux_lora.urls import is_fetchable_url, redact
 
 log = logging.getLogger(__name__)
 

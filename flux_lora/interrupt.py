@@ -126,10 +126,6 @@ class Interrupt:
         if self._stopped is not None:
             raise self._stopped
 
-    @property
-    def stopped(self) -> bool:
-        return self._stopped is not None
-
     def _stop(self, reason: FluxLoraError) -> None:
         with self._lock:
             if self._stopped is not None:

@@ -17,6 +17,7 @@ from flux_lora.device.compilation import Compiler
 from flux_lora.device.placement import Residency
 from flux_lora.device.quant import fp8_copy, fp8_copy_bytes
 from flux_lora.device.tensors import module_bytes
+from flux_lora.errors import FluxLoraError
 from flux_lora.interrupt import Interrupt
 from flux_lora.lora.slots import LoraSlots
 from flux_lora.models.layout import RELEASES, ModelSource
@@ -253,10 +254,11 @@ def _stop_when(interrupt: Interrupt):
     """A step callback that ends the denoising loop once the prediction is canceled or out of time."""
 
     def check(pipe, step: int, timestep, tensors: dict) -> dict:
-        interrupt.poll()
-        if interrupt.stopped:
-            log.info("Denoising stopped after step %d", step + 1)
+        try:
             interrupt.check()
+        except FluxLoraError:
+            log.info("Denoising stopped after step %d", step + 1)
+            raise
         return tensors
 
     return check

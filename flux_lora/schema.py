@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flux_lora.errors import InputError
-from flux_lora.http import is_fetchable_url, redact
+from flux_lora.urls import is_fetchable_url, redact
 
 # Width x height at 1 megapixel. This table drives both the `aspect_ratio` choices and the sizes.
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {

@@ -87,6 +87,8 @@ def read_lora(path: str, label: str, display: str) -> LoraWeights:
         alphas = {
             k.removeprefix(PREFIX): v for k, v in alphas.items() if not k.startswith(TEXT_ENCODER_PREFIXES)
         }
+    if transformer:  # none at all: the caller says so, after logging any text-encoder part
+        _check_pairs(transformer, f"{label}: {display}")
     return LoraWeights(transformer, alphas or None, metadata, text_encoder_keys)
 
 
@@ -169,7 +171,6 @@ class AdapterSet:
             )
         if not weights.state_dict:
             raise InputError(f"{adapter.label}: {adapter.display} has no weights for the FLUX transformer.")
-        _check_pairs(weights.state_dict, adapter)
         try:
             with warnings.catch_warnings():
                 # peft warns whenever a second adapter joins the first: here that is the intent.
@@ -219,11 +220,11 @@ class AdapterSet:
         return sum(1 for module in self.transformer.modules() if name in getattr(module, "lora_A", {}))
 
 
-def _check_pairs(state_dict: dict[str, torch.Tensor], adapter: WantedAdapter) -> None:
-    """Each layer's down (lora_A) and up (lora_B) matrices, both present: what peft loads."""
+def _check_pairs(state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """Each layer's down (lora_A) and up (lora_B) matrices, both present: what peft and the
+    compiled transformer's slots both need."""
     downs = {k.removesuffix(".lora_A.weight") for k in state_dict if k.endswith(".lora_A.weight")}
     ups = {k.removesuffix(".lora_B.weight") for k in state_dict if k.endswith(".lora_B.weight")}
-    where = f"{adapter.label}: {adapter.display}"
     if not downs and not ups:
         raise InputError(
             f"{where} has no LoRA matrices for the FLUX transformer (its keys look like "

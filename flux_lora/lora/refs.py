@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, unquote
 
 from flux_lora.errors import InputError
-from flux_lora.http import checked_url, redact, split_credentials
+from flux_lora.urls import checked_url, redact, split_credentials
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HF_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}

@@ -58,6 +58,8 @@ def loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "alphas": write_lora(folder / "alphas.safetensors", with_alphas),
         "mixed ranks": write_lora(folder / "mixed.safetensors", mixed),
         "rank 16": write_lora(folder / "rank16.safetensors", random_tensors(5, 16)),
+        # One layer's lora_B left out: the slots once applied the rest and dropped it silently.
+        "half": write_lora(folder / "half.safetensors", dict(list(random_tensors(6, 4).items())[:-1])),
         "sdxl": write_lora(
             folder / "sdxl.safetensors",
             {
@@ -171,6 +173,7 @@ def test_the_counter_sees_a_recompile(compiled: Compiled):
     [
         ("rank 16", r"rank 16 is above this container's maximum of 8 .* FLUX_LORA_MAX_LORA_RANK"),
         ("sdxl", r"FLUX"),
+        ("half", r"is not a whole LoRA: 1 layer\(s\) have only one of lora_A and lora_B"),
     ],
 )
 def test_a_lora_that_cannot_fit_changes_nothing(base, compiled: Compiled, loras, kind: str, message: str):

@@ -3,6 +3,7 @@ download, a cancel that wakes a blocked read, and a cache that respects credenti
 
 from __future__ import annotations
 
+import base64
 import bz2
 import gzip
 import hashlib
@@ -80,7 +81,10 @@ def test_a_compressed_tarball_is_refused_whatever_its_source(kind, fake, cache):
     packed = COMPRESSORS[kind](make_replicate_tar(LORA))
     fake.file("/lora.tar", packed)
     fetcher = fetcher_for(cache, timeout_s=1.0)
-    for source in (f"{fake.url}/lora.tar", "data:application/x-tar;base64," + _b64(packed)):
+    for source in (
+        f"{fake.url}/lora.tar",
+        "data:application/x-tar;base64," + base64.b64encode(packed).decode(),
+    ):
         with pytest.raises(InputError, match=f"is {kind}-compressed; only plain .tar files are read"):
             fetcher.fetch(ref(source, fake), INPUT)
     assert_nothing_kept(cache)
@@ -213,9 +217,3 @@ def test_a_file_fetched_without_credentials_is_shared_as_before(fake, cache):
     second = fetcher.fetch(ref(f"{fake.url}/public.safetensors?v=", fake), INPUT)
     assert not first.from_cache and fake.count("/public.safetensors") >= 1
     assert second.path.read_bytes() == first.path.read_bytes()
-
-
-def _b64(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(data).decode()

@@ -4,9 +4,9 @@ import sys
 import pytest
 
 from flux_lora.errors import InputError
-from flux_lora.http import redact, split_credentials
 from flux_lora.lora.refs import Endpoints, parse_lora_ref
 from flux_lora.models.layout import REPO_ROOT
+from flux_lora.urls import redact, split_credentials
 
 ENDPOINTS = Endpoints(replicate="http://r.test", huggingface="http://hf.test", civitai="http://c.test")
 
