@@ -292,6 +292,9 @@ def _load_components(
 ) -> dict[str, object]:
     """Each component of one release, timed; shareable ones taken from `reusable` when the
     files on disk are identical (compared by content, not by name)."""
+    from flux_lora import third_party_logs
+
+    third_party_logs.install()  # before diffusers' first import, which imports torchao
     import diffusers
     import transformers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel

@@ -38,8 +38,6 @@ class Fp8Transformer:
 
 def fp8_copy(transformer: torch.nn.Module, device: torch.device, text_tokens: int) -> Fp8Transformer:
     """A quantized deep copy; the original keeps serving bf16 requests unchanged."""
-    # torchao logs missing optional CUDA kernels at import: noise on machines without them.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Float8WeightOnlyConfig,
