@@ -252,7 +252,7 @@ class SafeHttp:
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as err:
-            raise DownloadError(f"{where}: cannot resolve the host {host} ({type(err).__name__})") from None
+            raise unresolved(where, host, err) from None
         refused: list[IPAddress] = []
         failure: OSError | None = None
         for family, kind, proto, _, sockaddr in infos:
@@ -288,6 +288,35 @@ class SafeHttp:
                 f"({refused[0]}); URLs must point to public addresses"
             )
         raise DownloadError(f"{where}: the host {host} has no address")
+
+
+def unresolved(where: str, host: str, err: BaseException) -> DownloadError:
+    """A host name with no address: retrying will not help; the name or the network is wrong."""
+    reason = name_resolution_failure(err) or type(err).__name__
+    return DownloadError(
+        f"{where}: the host name {host} cannot be resolved ({reason}). Check the host name, and that "
+        "this machine can reach a DNS server (a container without network access cannot download)"
+    )
+
+
+RESOLUTION_FAILED = re.compile(
+    r"Name or service not known|Temporary failure in name resolution|nodename nor servname provided"
+    r"|No address associated with hostname|getaddrinfo failed"
+)
+
+
+def name_resolution_failure(err: BaseException) -> str | None:
+    """The resolver's words when `err`, or an error it was raised from, is a failed DNS lookup
+    (socket.gaierror; httpx wraps it in its own ConnectError); None for any other error."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return seen.strerror or str(seen)
+        found = RESOLUTION_FAILED.search(str(seen))
+        if found:
+            return found[0]
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _request_error(err: Exception, where: str, host: str) -> DownloadError:

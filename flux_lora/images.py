@@ -70,11 +70,21 @@ class ImageFetcher:
         if not is_fetchable_url(value):  # check_request refuses these first; this keeps the rule local
             raise InputError(f"{where} is not an http(s) or data: URL")
         if value.lower().startswith("data:"):
-            return io.BytesIO(decode_data_url(value, where, self.max_bytes))
+            data = decode_data_url(value, where, self.max_bytes)
+            if not data:
+                raise InputError(
+                    f"{where} holds no bytes after the comma. Put the file there, base64-encoded: "
+                    "data:image/png;base64,iVBORw0KGgo..."
+                )
+            return io.BytesIO(data)
         started = time.monotonic()
         with self.http.get(value, where, limit=self.max_bytes, interrupt=interrupt) as body:
             data = body.read()
         log.info("%s: fetched %d bytes in %.2f s", where, len(data), time.monotonic() - started)
+        if not data:
+            raise InputError(
+                f"{where}: the server sent an empty body (0 bytes). Check that the URL serves the image itself."
+            )
         return io.BytesIO(data)
 
 
@@ -113,12 +123,35 @@ def _open(path: ImageFile, name: str, background: tuple[int, int, int]) -> Image
         found = re.search(r"\((\d+) pixels\)", str(err))  # "Image size (400000000 pixels) exceeds..."
         _check_size(name, int(found[1]) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0))
         raise
-    except UNREADABLE as err:
-        detail = str(err).split(" '")[0][:80]  # Pillow's messages end with the temporary file's path
+    except Image.UnidentifiedImageError as err:
         raise InputError(
-            f"{name}: the file could not be read as an image ({err.__class__.__name__}: {detail}). "
+            f"{name}: {_first_bytes(path)} are not an image in any format Pillow reads. "
             "Send a whole PNG, JPEG or WebP file."
         ) from err
+    except UNREADABLE as err:
+        raise InputError(
+            f"{name}: the file could not be read as an image ({err.__class__.__name__}: {_detail(err)}). "
+            "Send a whole PNG, JPEG or WebP file."
+        ) from err
+
+
+def _first_bytes(path: ImageFile) -> str:
+    """What a file that is not an image holds, e.g. "the 12 bytes received (they begin b'hello, w')"."""
+    if hasattr(path, "read"):
+        size = path.seek(0, io.SEEK_END)
+        path.seek(0)
+        head = path.read(8)
+    else:
+        size = os.path.getsize(path)
+        with open(path, "rb") as file:
+            head = file.read(8)
+    return f"the {size} bytes received (they begin {head!r})"
+
+
+def _detail(err: Exception) -> str:
+    """Pillow's message without what names our side: a temporary file's path, an object's repr."""
+    text = str(err).split(" '")[0]  # "... '/tmp/tmpab12.png'"
+    return re.sub(r"<[^<>]* (object )?at 0x[0-9a-fA-F]+>", "the file", text)[:80]
 
 
 def _check_size(name: str, pixels: int, sides: str = "") -> None:

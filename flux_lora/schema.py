@@ -113,6 +113,35 @@ def check_request(request: GenerationRequest) -> None:
         )
 
 
+def unused_inputs(request: GenerationRequest, size: tuple[int, int]) -> list[str]:
+    """A note for each size input the request set that this request does not use (`size` is what
+    it draws): the schema lets them through, and a user who set one expects it to count."""
+    defaults = GenerationRequest(prompt="")
+    given = [name for name in ("width", "height") if getattr(request, name) is not None]
+    sizing = ", ".join(f"{name}={getattr(request, name)}" for name in given)
+    drawn = f"{size[0]}x{size[1]}"
+    if request.mode != "txt2img":
+        given += [
+            name
+            for name in ("aspect_ratio", "megapixels")
+            if getattr(request, name) != getattr(defaults, name)
+        ]
+        if not given:
+            return []
+        settings = ", ".join(f"{name}={getattr(request, name)}" for name in given)
+        return [f"{settings}: not used with an image: the output takes the input image's size ({drawn})"]
+    if request.aspect_ratio != CUSTOM and given:
+        return [
+            f"{sizing}: not used: width and height apply only with aspect_ratio=custom; this picture is "
+            f"{drawn} (aspect_ratio={request.aspect_ratio}, megapixels={request.megapixels})"
+        ]
+    if request.aspect_ratio == CUSTOM and request.megapixels != defaults.megapixels:
+        return [
+            f"megapixels={request.megapixels}: not used with aspect_ratio=custom: width and height set the size ({drawn})"
+        ]
+    return []
+
+
 def _whole_number(name: str, value: float) -> int:
     if not value.is_integer():
         raise InputError(f"{name}: {value!r} is not a whole number. Send an integer, like {int(value)}.")

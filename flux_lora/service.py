@@ -27,10 +27,18 @@ from flux_lora.lora.refs import LoraRef, parse_lora_ref
 from flux_lora.lora.slots import MAX_RANK_ENV, max_rank_from_env
 from flux_lora.models.layout import DEFAULT_MODEL_DIR
 from flux_lora.models.locate import locate_models
+from flux_lora.models.world import ModelWorld
 from flux_lora.output import save_images
 from flux_lora.pipeline import FluxPipelines, release_memory
 from flux_lora.safety import SafetyChecker
-from flux_lora.schema import CUSTOM, MAX_IMAGE_SIDE, GenerationRequest, check_request, resolve_size
+from flux_lora.schema import (
+    CUSTOM,
+    MAX_IMAGE_SIDE,
+    GenerationRequest,
+    check_request,
+    resolve_size,
+    unused_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,7 @@ class FluxLoraService:
         fetcher: LoraFetcher,
         trained_lora: LoraRef | None = None,
         inspect_file: Path | None = None,
+        world: ModelWorld | None = None,
     ):
         self.pipelines = pipelines
         self.safety = safety
@@ -68,6 +77,8 @@ class FluxLoraService:
         self.phase_limits = phase_limits_from_env()
         # FLUX_LORA_INSPECT_FILE: the inventory (`inspect --json`), rewritten after every prediction.
         self.inspect_file = inspect_file
+        # What the demo model knows (its world.json); None for FLUX itself.
+        self.world = world
         # coglet calls run() from whichever of its tokio threads is free, and torch's OpenMP
         # keeps one thread team per calling thread: switching callers left the previous team
         # spinning on our cores (tiny model, 2 cores: 49 ms a call instead of 33). All torch
@@ -93,7 +104,13 @@ class FluxLoraService:
         output_root = Path(tempfile.mkdtemp(prefix="flux-lora-out-"))
         inspect_file = os.environ.get(INSPECT_FILE_ENV, "").strip()
         service = cls(
-            pipelines, safety, output_root, fetcher, trained, Path(inspect_file) if inspect_file else None
+            pipelines,
+            safety,
+            output_root,
+            fetcher,
+            trained,
+            Path(inspect_file) if inspect_file else None,
+            ModelWorld.load(source.root),
         )
         if trained is not None:
             service._torch_thread.submit(service._apply_loras, GenerationRequest(prompt=""), False).result()
@@ -144,6 +161,10 @@ class FluxLoraService:
                     mask = load_mask(self.image_fetcher.fetch(request.mask, "mask", interrupt), size)
         else:
             size = resolve_size(request)
+        for note in unused_inputs(request, size) + (
+            self.world.notes(request.prompt, size) if self.world else []
+        ):
+            log.info("%s", note)
 
         # 3. Seed.
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)

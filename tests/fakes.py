@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import re
+import socket
 import tarfile
 import threading
 import time
@@ -574,3 +575,16 @@ class RefusingProxy:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def unresolvable(monkeypatch, host: str) -> None:
+    """Makes `host` a name with no DNS answer, as on a machine without network access: the
+    resolver raises what glibc's does; every other name resolves as before."""
+    real = socket.getaddrinfo
+
+    def resolve(name, *args, **kwargs):
+        if name == host:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)

@@ -79,7 +79,7 @@ def inpaint(server: CogServer, image: Image.Image, mask: Image.Image, prompt: st
     [
         (
             b"hello, world",
-            ["the file could not be read as an image (UnidentifiedImageError", "Send a whole PNG"],
+            ["the 12 bytes received (they begin b'hello, w') are not an image", "Send a whole PNG"],
         ),
         (truncated_png(), ["the file could not be read as an image (OSError: image file is truncated"]),
         # 81 MP: under Pillow's own limit, over ours.

@@ -7,7 +7,8 @@ from PIL import Image
 
 from flux_lora.__main__ import main
 from flux_lora.dev import openapi
-from flux_lora.dev.client import parse_inputs
+from flux_lora.dev.client import failure_text, parse_inputs
+from flux_lora.dev.cog_server import CogServer
 from flux_lora.models.layout import REPO_ROOT
 from flux_lora.output import save_images
 
@@ -79,6 +80,32 @@ def test_client_types_inputs_from_the_schema(tmp_path):
     assert inputs["num_outputs"] == 2 and inputs["guidance_scale"] == 2.5
     assert inputs["go_fast"] is True and inputs["megapixels"] == "1"
     assert inputs["image"].startswith("data:image/png;base64,")
+
+
+def test_client_suggests_the_nearest_input_for_an_unknown_name():
+    schema = json.loads((REPO_ROOT / openapi.SCHEMA_PATH).read_text())
+    with pytest.raises(
+        SystemExit, match=r"-i num_output: unknown input; did you mean num_outputs\? known inputs: prompt"
+    ):
+        parse_inputs(["num_output=2"], schema)
+
+
+def test_client_says_each_failure_once_from_the_servers_own_answers(server: CogServer):
+    """The bodies a real server sends: a failed prediction (coglet frames our message with two
+    "Prediction failed: " and the error's type) and a 422 (coglet's list of refused fields)."""
+    schema = json.loads((REPO_ROOT / openapi.SCHEMA_PATH).read_text())
+    status, failed = server.predict({"prompt": "a cat", "image": "data:image/png;base64,aGVsbG8="})
+    assert status == 200 and failed["status"] == "failed"
+    assert failed["error"].startswith("Prediction failed: Prediction failed: InputError: image: ")
+    text = failure_text(failed, schema)
+    assert text.startswith("image: the 5 bytes received (they begin b'hello') are not an image"), text
+    assert "Prediction failed" not in text and "InputError" not in text
+    status, refused = server.predict({"prompt": "a cat", "num_outputs": 9, "guidance_scale": -1})
+    assert status == 422
+    text = failure_text(refused, schema)
+    assert "num_outputs: 9 is greater than the maximum of 4; num_outputs takes 1 to 4" in text, text
+    assert "guidance_scale: " in text and "guidance_scale takes 0 to 10" in text, text
+    assert "[{" not in text and "'loc'" not in text
 
 
 def test_variants_write_choices_inline():

@@ -236,16 +236,23 @@ def test_missing_prompt_is_422(server: CogServer):
             {"image": "IMAGE", "prompt_strength": 0.02},
             ["prompt_strength: 0.02", "no denoising step", ">= 0.036"],
         ),
-        ({"image": "NOT_AN_IMAGE"}, ["image: the file could not be read as an image"]),
+        ({"image": "NOT_AN_IMAGE"}, ["image: the 5 bytes received (they begin b'hello') are not an image"]),
+        ({"image": "EMPTY"}, ["image: data:image/png;base64,... (22 characters) holds no bytes", "base64-encoded"]),
     ],
 )
 def test_cross_field_errors_fail_precisely_and_the_next_request_works(server: CogServer, inputs, fragments):
     image = image_data_uri(Image.new("RGB", (64, 64)))
-    replacements = {"MASK": image, "IMAGE": image, "NOT_AN_IMAGE": "data:image/png;base64,aGVsbG8="}
+    replacements = {
+        "MASK": image,
+        "IMAGE": image,
+        "NOT_AN_IMAGE": "data:image/png;base64,aGVsbG8=",
+        "EMPTY": "data:image/png;base64,",
+    }
     inputs = {key: replacements.get(value, value) for key, value in inputs.items()}
     error = predict_failed(server, prompt="a cat", **inputs)
     for fragment in fragments:
-        assert fragment in error
+        assert error.count(fragment) == 1, error  # said once
+    assert not re.search(r"object at 0x|<_io\.", error), error  # no reprs of our objects
     predict_ok(server, prompt="a cat", **FAST)
 
 
@@ -258,3 +265,52 @@ def test_setup_fails_readably_when_the_model_folder_is_missing(tmp_path):
         assert f"{missing} does not hold FLUX.1-dev, FLUX.1-schnell" in health["setup"]["logs"]
         status, _ = cog.predict({"prompt": "a cat"})
         assert status != 200
+
+
+@pytest.mark.parametrize(
+    ("inputs", "line"),
+    [
+        (
+            {"width": 640, "height": 480},
+            "width=640, height=480: not used: width and height apply only with aspect_ratio=custom; "
+            "this picture is 512x512 (aspect_ratio=1:1, megapixels=0.25)",
+        ),
+        (
+            {"aspect_ratio": "custom", "width": 256, "height": 256},
+            "megapixels=0.25: not used with aspect_ratio=custom: width and height set the size (256x256)",
+        ),
+        (
+            {"image": "IMAGE", "aspect_ratio": "16:9", "width": 512, "prompt_strength": 1.0},
+            "width=512, aspect_ratio=16:9, megapixels=0.25: not used with an image: the output takes the "
+            "input image's size (64x48)",
+        ),
+    ],
+    ids=["size-without-custom", "megapixels-with-custom", "size-with-an-image"],
+)
+def test_a_size_input_the_request_does_not_use_gets_one_log_line(server: CogServer, inputs: dict, line: str):
+    """The schema accepts these together; a user who set one expects it to count, so the log says
+    it did not, once, and the prediction still runs."""
+    image = image_data_uri(Image.new("RGB", (64, 48), (20, 200, 30)))
+    inputs = {key: image if value == "IMAGE" else value for key, value in inputs.items()}
+    body = predict_ok(server, prompt="a cat", **FAST, **inputs)
+    assert body["logs"].count(line) == 1, body["logs"]
+    assert body["logs"].count("not used") == 1
+
+
+def test_a_plain_request_logs_no_unused_input_and_no_demo_note(server: CogServer):
+    """The tiny model has no world.json: no line about what it knows."""
+    logs = predict_ok(server, prompt="a cat", **FAST)["logs"]
+    assert "not used" not in logs and "Demo model" not in logs, logs
+
+
+def test_an_unknown_input_name_is_dropped_by_coglet_and_named_in_its_log(server: CogServer):
+    """What docs/behaviour.md says: coglet strips `num_output` before our code runs (one image,
+    200) and names it in its own log; the prediction's log cannot, since run() never sees it."""
+    body = predict_ok(server, prompt="a cat", num_output=2, **FAST)
+    assert len(output_images(body)) == 1
+    stripped = [
+        json.loads(line)["fields"]
+        for line in server.log_path.read_text().splitlines()
+        if "Stripped unknown input fields" in line
+    ]
+    assert any("num_output" in entry["fields"] for entry in stripped), stripped

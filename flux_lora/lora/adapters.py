@@ -30,6 +30,13 @@ MAX_LORA_TENSORS = 20_000
 GO_FAST_SCALE = 1.5  # the schema's documented multiplier for both LoRA scales under go_fast
 
 
+def already_in_place(wanted: list[WantedAdapter], multiplier: float = 1.0) -> str:
+    """The log line for a request whose LoRAs are already in place: by the previous request, or
+    at setup (COG_WEIGHTS)."""
+    held = ", ".join(f"{a.label} ({a.display}) at scale {a.scale * multiplier:g}" for a in wanted)
+    return f"LoRA: {held}, already in place: nothing to load"
+
+
 @dataclass(frozen=True)
 class WantedAdapter:
     """One adapter a request asks for: where its file is, what it is, and how strong."""
@@ -128,7 +135,7 @@ class AdapterSet:
             weights[name] = weights.get(name, 0.0) + adapter.scale * multiplier
         if weights == self.active and all(adapter_name(a.identity) in self.loaded.values() for a in wanted):
             if wanted:
-                log.info("LoRA unchanged: no reload")
+                log.info("%s", already_in_place(wanted, multiplier))
             return 0.0
 
         started = time.perf_counter()

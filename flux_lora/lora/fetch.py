@@ -31,8 +31,10 @@ from flux_lora.http import (
     allowed_private_networks,
     decode_data_url,
     is_public_address,
+    name_resolution_failure,
     status_message,
     too_large,
+    unresolved,
 )
 from flux_lora.interrupt import (
     DEFAULT_DOWNLOAD_LIMIT_S,
@@ -222,6 +224,8 @@ class LoraFetcher:
         except (httpx2.TransportError, OSError) as err:
             if isinstance(err, FluxLoraError):  # ours, already worded (a limit is a TimeoutError)
                 raise
+            if name_resolution_failure(err):
+                raise unresolved(repo_text, urlsplit(endpoint).hostname or endpoint, err) from err
             raise DownloadError(
                 f"{repo_text} could not be reached ({type(err).__name__}); try again"
             ) from err

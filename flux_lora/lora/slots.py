@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from flux_lora.errors import ConfigError, InputError
-from flux_lora.lora.adapters import LoraWeights, WantedAdapter, no_stop, read_lora
+from flux_lora.lora.adapters import LoraWeights, WantedAdapter, already_in_place, no_stop, read_lora
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class LoraSlots:
         changed = [slot for slot in SLOTS if targets[slot] != self.held[slot]]
         if not changed:
             if wanted:
-                log.info("LoRA unchanged: no reload")
+                log.info("%s", already_in_place(wanted, multiplier))
             return 0.0
         started = time.perf_counter()
         adapters = dict(zip(SLOTS, wanted, strict=False))

@@ -136,7 +136,10 @@ def test_two_adapters_combine_and_unchanged_requests_do_not_reload(pipelines, ad
     assert not torch.equal(both, only_main)
     with caplog.at_level(logging.INFO, logger="flux_lora.lora.adapters"):
         assert adapters.activate([wanted(main), wanted(extra, label="extra_lora")]) == 0.0
-    assert "LoRA unchanged: no reload" in caplog.text
+    assert (
+        "LoRA: replicate_weights (a.safetensors) at scale 1, extra_lora (b.safetensors) at scale 1, "
+        "already in place: nothing to load" in caplog.text
+    )
     assert len(adapters.loaded) == 2
 
 

@@ -32,6 +32,7 @@ from tests.fakes import (
     hostile_tar,
     make_replicate_tar,
     make_safetensors,
+    unresolvable,
 )
 
 INPUT = "replicate_weights"
@@ -583,6 +584,19 @@ def test_malformed_safetensors_refused(payload, reason, fake, fetcher, cache):
 
 
 # Secrets.
+
+
+def test_a_hub_whose_name_does_not_resolve_says_so_without_try_again(fetcher, cache, monkeypatch):
+    """HF_ENDPOINT's host has no DNS answer (no network): the message says so, not "try again"."""
+    unresolvable(monkeypatch, "hub.example")
+    endpoints = Endpoints(replicate="http://hub.example", huggingface="http://hub.example", civitai="")
+    lora_ref = parse_lora_ref("huggingface.co/alice/style", INPUT, endpoints)
+    with pytest.raises(DownloadError) as caught:
+        fetcher.fetch(lora_ref, INPUT)
+    message = str(caught.value)
+    assert "the host name hub.example cannot be resolved (Name or service not known)" in message, message
+    assert "again" not in message
+    assert leftovers(cache) == []
 
 
 def test_secrets_never_reach_messages_logs_or_cache(fake, other, fetcher, cache, caplog, monkeypatch):

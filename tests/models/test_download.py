@@ -26,7 +26,15 @@ from flux_lora.models.download import STAGING, download_models
 from flux_lora.models.files import MARKER, missing_models, select_files, verify_models
 from flux_lora.models.layout import MODEL_REPOS, REPO_ROOT
 from tests.conftest import predict_ok
-from tests.fakes import Exchange, FakeServer, HubRepo, add_hub, add_hub_files_metadata, make_safetensors
+from tests.fakes import (
+    Exchange,
+    FakeServer,
+    HubRepo,
+    add_hub,
+    add_hub_files_metadata,
+    make_safetensors,
+    unresolvable,
+)
 
 ROOT = REPO_ROOT
 TOKEN = "hf_SECRETdownloadTOKEN42"
@@ -489,3 +497,16 @@ def test_setup_without_token_names_both_ways_out(tmp_path):
 
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_a_hub_whose_name_does_not_resolve_says_so_without_try_again(tmp_path, monkeypatch):
+    """A host name with no DNS answer (a machine without network access): retrying cannot help."""
+    unresolvable(monkeypatch, "hub.example")
+    with pytest.raises(DownloadError) as caught:
+        download_models(tmp_path / "weights", token=TOKEN, endpoint="http://hub.example", progress=False)
+    message = str(caught.value)
+    assert message.startswith(
+        "FLUX.1-dev (black-forest-labs/FLUX.1-dev): the host name hub.example cannot be resolved "
+        "(Name or service not known). Check the host name"
+    ), message
+    assert "again" not in message
