@@ -220,13 +220,19 @@ def save(root: Path, components: dict[str, object], schnell, lora: bytes | None,
 
 
 def replace_vae(root: Path, vae) -> None:
-    """Write `vae` over both releases' VAE, each through a sibling folder renamed into place."""
-    for release in RELEASES.values():
-        target = Path(root) / release / "vae"
-        with staging_beside(target) as staging:
-            _save_component(vae, staging / "vae")
-            shutil.rmtree(target)
-            (staging / "vae").rename(target)
+    """Write `vae` over both releases' VAE."""
+    for variant in RELEASES:
+        replace_component(root, variant, "vae", vae)
+
+
+def replace_component(root: Path, variant: str, name: str, component) -> None:
+    """Write `component` over one release's component `name`, through a sibling folder renamed
+    into place."""
+    target = Path(root) / RELEASES[variant] / name
+    with staging_beside(target) as staging:
+        _save_component(component, staging / name)
+        shutil.rmtree(target)
+        (staging / name).rename(target)
 
 
 def to_tensor(images) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 - Noise levels (`noise_levels`): the release's own scheduler shift for the demo's 64 image tokens,
   and for [schnell] half of them on its 4-step grid.
-- Positions (`image_ids`): the pipeline's own packed 8x8 grid.
+- Positions (`image_ids`): the pipeline's own grid of packed latents, 8x8 at the core size.
 - The text (`compress_runs`, `context_inputs`): T5's padding (to 512 tokens for [dev], 256 for
   [schnell], without an attention mask) encodes to runs of identical vectors (see demo_model);
   identical text tokens stay identical through every FLUX block (text tokens all sit at position
@@ -52,9 +52,12 @@ def compress_runs(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return context, log_runs
 
 
-def noise_levels(variant: str, count: int, generator: torch.Generator) -> torch.Tensor:
+def noise_levels(
+    variant: str, count: int, generator: torch.Generator, tokens: int = IMAGE_TOKENS
+) -> torch.Tensor:
     """Training noise levels: logit-normal (a tenth uniform, for the ends), through the release's
-    shift for 64 image tokens; half of [schnell]'s on its own 4-step grid."""
+    shift for `tokens` image tokens, as the pipeline shifts; half of [schnell]'s on its own
+    4-step grid."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     scheduler = new_scheduler(variant)
@@ -64,7 +67,7 @@ def noise_levels(variant: str, count: int, generator: torch.Generator) -> torch.
     u = torch.where(uniform, torch.rand(count, generator=generator), u).clamp(1e-4, 1.0)
     if config.use_dynamic_shifting:
         mu = calculate_shift(
-            IMAGE_TOKENS,
+            tokens,
             config.base_image_seq_len,
             config.max_image_seq_len,
             config.base_shift,
@@ -81,12 +84,14 @@ def noise_levels(variant: str, count: int, generator: torch.Generator) -> torch.
     return sigma.float()
 
 
-def context_inputs(text: TextInputs, scenes: torch.Tensor, device: torch.device) -> dict[str, object]:
+def context_inputs(
+    text: TextInputs, scenes: torch.Tensor, device: torch.device, tokens: int = IMAGE_TOKENS
+) -> dict[str, object]:
     """The compressed context of `scenes` (indices into `text`, kept on the CPU) and its attention
-    bias, on `device`: log(run length) on each text key, 0 on the image keys (the processor
-    passes `attention_mask` to scaled_dot_product_attention)."""
+    bias, on `device`: log(run length) on each text key, 0 on the `tokens` image keys (the
+    processor passes `attention_mask` to scaled_dot_product_attention)."""
     log_runs = text.log_runs[scenes]
-    bias = torch.cat([log_runs, torch.zeros(len(scenes), IMAGE_TOKENS)], dim=1)
+    bias = torch.cat([log_runs, torch.zeros(len(scenes), tokens)], dim=1)
     return dict(
         encoder_hidden_states=text.context[scenes].to(device),
         txt_ids=torch.zeros(text.context.shape[1], 3, device=device),
@@ -94,11 +99,12 @@ def context_inputs(text: TextInputs, scenes: torch.Tensor, device: torch.device)
     )
 
 
-def image_ids(device: torch.device) -> torch.Tensor:
+def image_ids(device: torch.device, rows: int | None = None, columns: int | None = None) -> torch.Tensor:
+    """The pipeline's position ids for a grid of packed latents (default: the core 8x8)."""
     from diffusers import FluxPipeline
 
     side = architecture.CORE_SIZE // 8
-    return FluxPipeline._prepare_latent_image_ids(1, side, side, device, torch.float32)
+    return FluxPipeline._prepare_latent_image_ids(1, rows or side, columns or side, device, torch.float32)
 
 
 def new_scheduler(variant: str):

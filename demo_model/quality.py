@@ -15,14 +15,18 @@ for the committed model), as the server would run it:
   the mask, so a round trip is the floor; the decoder still carries a trace of the repainted box
   past it, through its attention and GroupNorm statistics, so the same pixels' own round-trip
   error is reported beside it);
-- the LoRA (stripes-lora.safetensors) through our AdapterSet: striped share at scale 1 and 0.
-Writes a JSON record (default: quality.json beside the model) and prints it.
+- the LoRA (stripes-lora.safetensors) through our AdapterSet: striped share at scale 1 and 0;
+- every size (`sizes`): txt2img of every SIZES_EVERY-th scene, one seed, at each aspect_ratio
+  preset at megapixels 0.25 and 1, [dev] and [schnell]: the share all right, per size.
+Writes a JSON record (default: quality.json beside the model) and prints it; `--part sizes`
+measures the sizes only and updates that part of the record.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -36,7 +40,9 @@ from demo_model.world import Scene
 from flux_lora.lora.adapters import AdapterSet, WantedAdapter
 from flux_lora.models.layout import DEMO_MODEL_DIR, ModelSource
 from flux_lora.pipeline import FluxPipelines
-from flux_lora.schema import GenerationRequest
+from flux_lora.schema import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest
+
+log = logging.getLogger(__name__)
 
 SIZE = architecture.IMAGE_SIZE
 STEPS = {"dev": 28, "schnell": 4}
@@ -46,14 +52,23 @@ MIN_OVERLAP = 0.85  # the target for img2img at strength 0.3
 INPAINT_STRENGTH = 0.8  # the schema's default prompt_strength
 BOX_MARGIN = SIZE // 8  # px: the decoder spreads a latent's change about two latents (16 px each)
 MIN_CHANGE = 20.0  # mean absolute change (0..255) that counts as repainted
+SIZES_EVERY = 4  # every 4th scene: 11 of 44, every shape, colour and background
+DRAWN = 0.8  # a size the model draws: this share of scenes all right, with both releases
 
 
-def measure(root: Path, seeds: int = 3, scenes: list[Scene] | None = None, steps: dict | None = None) -> dict:
-    """Every figure of the module docstring for the model folder `root`."""
+def measure(
+    root: Path,
+    seeds: int = 3,
+    scenes: list[Scene] | None = None,
+    steps: dict | None = None,
+    ratios: list[str] | None = None,
+) -> dict:
+    """Every figure of the module docstring for the model folder `root` (`ratios`: the aspect
+    ratios of the sizes part, default all)."""
     started = time.perf_counter()
     scenes = scenes or world.all_scenes()
     steps = steps or STEPS
-    pipelines = FluxPipelines.load(ModelSource(Path(root)), torch.device("cpu"))
+    pipelines = load(root)
     record: dict[str, object] = {"model": str(root), "scenes": len(scenes), "seeds": seeds, "steps": steps}
     record["txt2img"] = {
         variant: txt2img(pipelines, variant, scenes, seeds, steps[variant]) for variant in steps
@@ -65,8 +80,50 @@ def measure(root: Path, seeds: int = 3, scenes: list[Scene] | None = None, steps
         record["lora"] = {
             variant: lora_stripes(pipelines, variant, lora, scenes, steps[variant]) for variant in steps
         }
+    record["sizes"] = sizes(pipelines, scenes[::SIZES_EVERY], steps, ratios)
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
+
+
+def load(root: Path) -> FluxPipelines:
+    return FluxPipelines.load(ModelSource(Path(root)), torch.device("cpu"))
+
+
+def sizes(
+    pipelines: FluxPipelines, scenes: list[Scene], steps: dict, ratios: list[str] | None = None
+) -> dict:
+    """Per `megapixels` choice and aspect ratio: the share of `scenes` drawn all right (seed 0)."""
+    found: dict[str, dict] = {}
+    for megapixels, divisor in MEGAPIXELS.items():
+        for ratio in ratios or ASPECT_RATIOS:
+            width, height = ASPECT_RATIOS[ratio]
+            size = (width // divisor, height // divisor)
+            shares = {}
+            for variant in steps:
+                verdicts = [
+                    world.judge(
+                        pipelines.generate(request(scene, variant, steps[variant]), size=size, seed=0)[0],
+                        scene,
+                    )
+                    for scene in scenes
+                ]
+                shares[variant] = _share(v.all_ok for v in verdicts)
+            found.setdefault(f"{megapixels} MP", {})[f"{ratio} {size[0]}x{size[1]}"] = shares
+            log.info("sizes: %s MP %s %dx%d: %s", megapixels, ratio, *size, shares)
+    return {"scenes": len(scenes), "seed": 0, **found}
+
+
+def drawn_sizes(record: dict) -> set[tuple[int, int]]:
+    """The sizes `record` measured the model drawing (DRAWN), 256x256 from the txt2img part."""
+    found = set()
+    if all(record.get("txt2img", {}).get(variant, {}).get("all_ok", 0) >= DRAWN for variant in STEPS):
+        found.add((SIZE, SIZE))
+    for megapixels in MEGAPIXELS:
+        for label, shares in record.get("sizes", {}).get(f"{megapixels} MP", {}).items():
+            if all(shares[variant] >= DRAWN for variant in STEPS):
+                width, height = label.rsplit(" ", 1)[1].split("x")
+                found.add((int(width), int(height)))
+    return found
 
 
 def request(scene: Scene, variant: str, steps: int, **fields) -> GenerationRequest:
@@ -227,12 +284,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="txt2img seeds per scene")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--record", type=Path, default=None, help="default: <model>/quality.json")
+    parser.add_argument("--part", choices=["all", "sizes"], default="all", help="sizes: only the sizes")
+    parser.add_argument(
+        "--write-world",
+        action="store_true",
+        help="rewrite the model's world.json with the sizes measured drawn (the server logs the others)",
+    )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
-    record = measure(args.model, args.seeds)
     path = args.record or args.model / "quality.json"
+    if args.part == "sizes":
+        started = time.perf_counter()
+        record = json.loads(path.read_text()) if path.is_file() else {"model": str(args.model)}
+        record["sizes"] = sizes(load(args.model), world.all_scenes()[::SIZES_EVERY], STEPS)
+        record["sizes"]["seconds"] = round(time.perf_counter() - started, 1)
+    else:
+        record = measure(args.model, args.seeds)
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
+    if args.write_world:
+        from demo_model import sizes as stage6
+
+        stage6.write_world(args.model, drawn_sizes(record))
+        print(f"{args.model / 'world.json'}: {stage6.sizes_in_words(drawn_sizes(record))}")
     return 0
 
 

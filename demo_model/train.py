@@ -27,6 +27,8 @@ Five stages, seeded, each logged with its loss and a quick reading by the world'
 5. A 5-level VAE that draws the same latents at 256 px (`demo_model.widen`), saved in place of
    the 64 px one: the transformer and the LoRA are unchanged.
 The transformer's renders keep near the centre for the most part (POOL_LAYOUT says why).
+`--sizes MODEL_DIR` runs stage 6 (`demo_model.sizes`) alone on a saved model: an experiment
+towards drawing at every preset size, not part of the committed weights.
 
 `demo_model.flow` feeds the transformer what the pipelines feed it, T5's long padding
 compressed to runs of identical tokens.
@@ -125,6 +127,7 @@ class Trainer:
             "command": " ".join(["python -m demo_model.train", *sys.argv[1:]]),
         }
         self.started = time.perf_counter()
+        self.pool: Pool | None = None  # the transformer's and the LoRA's latents (stage 1)
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -158,8 +161,9 @@ class Trainer:
         pool = self._stage("latents", self.encode_pool)
         self._stage("text", self.train_text)
         texts = self._stage("text_inputs", self.encode_texts)
-        ema = self._stage("transformer", lambda: self.train_transformer(pool, texts))
-        lora = self._stage("lora", lambda: self.train_lora(ema, pool, texts))
+        self.pool = pool
+        ema = self._stage("transformer", lambda: self.train_transformer(texts))
+        lora = self._stage("lora", lambda: self.train_lora(ema, texts))
         # The 64 px VAE as saved and loaded again (float16), as `--widen` on a saved model sees it.
         core = copy.deepcopy(vae).to(torch.float16).float()
         widener = widen.Widener(
@@ -380,19 +384,18 @@ class Trainer:
 
     # -- stage 3: the transformer --------------------------------------------------------------
 
-    def train_transformer(self, pool: Pool, texts: dict[str, TextInputs]):
+    def train_transformer(self, texts: dict[str, TextInputs]):
         dev = self.components["transformer"]
         twins = {"dev": dev, "schnell": architecture.schnell_twin(dev)}
         ema = copy.deepcopy(dev).requires_grad_(False)
         steps = self.settings.steps.transformer
         optimizer = torch.optim.AdamW(dev.parameters(), lr=self.settings.lr, weight_decay=0.01)
         schedule = _cosine(optimizer, steps, warmup=min(500, steps // 10))
-        plain = torch.nonzero(~pool.striped).flatten()
         dev.train()
         losses: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
         for step in range(steps):
             variant = "schnell" if step % SCHNELL_EVERY == SCHNELL_EVERY - 1 else "dev"
-            loss = self._flow_loss(twins[variant], variant, pool, plain, texts[variant])
+            loss = self.training_loss(twins[variant], variant, texts[variant], striped=False)
             _step(optimizer, schedule, loss, dev.parameters())
             _ema_update(ema, dev, min(EMA_DECAY, (1 + step) / (10 + step)))
             losses[variant].append(loss.item())
@@ -406,12 +409,20 @@ class Trainer:
         }
         return ema
 
-    def _flow_loss(self, transformer, variant: str, pool: Pool, indices: torch.Tensor, text: TextInputs):
-        batch = self.settings.batch
+    def training_loss(self, transformer, variant: str, text: TextInputs, *, striped: bool) -> torch.Tensor:
+        """One batch's flow-matching loss on the latent pool's plain or striped renders."""
+        indices = torch.nonzero(self.pool.striped == striped).flatten()
+        return self._flow_loss(transformer, variant, self.pool, indices, text, self.settings.batch)
+
+    def _flow_loss(
+        self, transformer, variant: str, pool: Pool, indices: torch.Tensor, text: TextInputs, batch: int
+    ) -> torch.Tensor:
         chosen = indices[torch.randint(len(indices), (batch,), generator=self.generator)]
+        rows, columns = (side // 2 for side in pool.mean.shape[-2:])  # latents packed 2x2
+        tokens = rows * columns
         x0 = self._latents(pool, chosen)
         noise = torch.randn(x0.shape, generator=self.generator)
-        sigma = flow.noise_levels(variant, batch, self.generator)
+        sigma = flow.noise_levels(variant, batch, self.generator, tokens)
         noisy = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         guidance = None
         device = self.device
@@ -423,9 +434,9 @@ class Trainer:
             pooled_projections=text.pooled[pool.scene[chosen]].to(device),
             timestep=sigma.to(device),  # the pipeline passes t / 1000 = sigma
             guidance=guidance,  # and the raw guidance scale
-            img_ids=flow.image_ids(device),
+            img_ids=flow.image_ids(device, rows, columns),
             return_dict=False,
-            **flow.context_inputs(text, pool.scene[chosen], device),
+            **flow.context_inputs(text, pool.scene[chosen], device, tokens),
         )[0]
         return F.mse_loss(prediction, (noise - x0).to(device))
 
@@ -434,14 +445,14 @@ class Trainer:
         from diffusers import FluxPipeline
 
         vae = self.components["vae"]
-        mean, std = pool.mean[chosen], pool.std[chosen]
+        mean, std = pool.mean[chosen].float(), pool.std[chosen].float()
         latents = mean + std * torch.randn(mean.shape, generator=self.generator)
         latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
         return FluxPipeline._pack_latents(latents, *latents.shape)
 
     # -- stage 4: the LoRA ---------------------------------------------------------------------
 
-    def train_lora(self, ema, pool: Pool, texts: dict[str, TextInputs]) -> bytes:
+    def train_lora(self, ema, texts: dict[str, TextInputs]) -> bytes:
         from peft import LoraConfig
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save
@@ -457,12 +468,11 @@ class Trainer:
         parameters = [p for p in styled.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.settings.lora_lr, weight_decay=0.0)
         schedule = _cosine(optimizer, steps, warmup=min(50, steps // 10))
-        striped = torch.nonzero(pool.striped).flatten()
         styled.train()
         losses = []
         for step in range(steps):
             variant = "schnell" if step % SCHNELL_EVERY == SCHNELL_EVERY - 1 else "dev"
-            loss = self._flow_loss(twins[variant], variant, pool, striped, texts[variant])
+            loss = self.training_loss(twins[variant], variant, texts[variant], striped=True)
             _step(optimizer, schedule, loss, parameters)
             if variant == "dev":
                 losses.append(loss.item())
@@ -482,14 +492,16 @@ class Trainer:
 
     # -- readings ------------------------------------------------------------------------------
 
-    def _log_quality(self, label: str, transformer, *, stripes: bool = False) -> dict[str, float]:
+    def _log_quality(
+        self, label: str, transformer, *, stripes: bool = False, size: tuple[int, int] | None = None
+    ) -> dict[str, float]:
         """Generate every n-th scene with both releases' in-memory pipelines and judge them."""
         scenes = self.scenes[:: max(1, len(self.scenes) // self.settings.eval_scenes)]
         if self.settings.quick:
             scenes = scenes[:1]
         reading = {}
         for variant in VARIANTS:
-            images = self.generate(transformer, variant, [scene.prompt for scene in scenes])
+            images = self.generate(transformer, variant, [scene.prompt for scene in scenes], size)
             verdicts = [world.judge(image, scene) for image, scene in zip(images, scenes, strict=True)]
             reading[variant] = {
                 "all_ok": _mean(v.all_ok for v in verdicts),
@@ -502,9 +514,13 @@ class Trainer:
         self.record.setdefault("readings", {})[label] = reading
         return reading
 
-    def generate(self, transformer, variant: str, prompts: list[str]) -> list:
+    def generate(
+        self, transformer, variant: str, prompts: list[str], size: tuple[int, int] | None = None
+    ) -> list:
+        """Images of `prompts` at `size` (width, height; default the core size), one seed."""
         from diffusers import FluxPipeline
 
+        width, height = size or (architecture.CORE_SIZE, architecture.CORE_SIZE)
         if variant == "schnell":
             transformer = architecture.schnell_twin(transformer)
         pipe = FluxPipeline(
@@ -515,8 +531,8 @@ class Trainer:
         steps = 2 if self.settings.quick else EVAL_STEPS[variant]
         return pipe(
             prompts,
-            height=architecture.CORE_SIZE,
-            width=architecture.CORE_SIZE,
+            height=height,
+            width=width,
             num_inference_steps=steps,
             max_sequence_length=MAX_SEQUENCE_LENGTH[variant],
             generator=torch.Generator().manual_seed(self.settings.seed),
@@ -540,13 +556,15 @@ class Trainer:
         }[layout]
         return architecture.to_tensor([world.paint(scene, size, boxes()) for scene in scenes])
 
-    def _pool_box(self) -> Box:
+    def _pool_box(self, size: world.Size = architecture.CORE_SIZE) -> Box:
         """Near the centre, but for a share of the world's full jitter (see POOL_LAYOUT)."""
-        size = architecture.CORE_SIZE
         if self.rng.random() < POOL_LAYOUT["world_share"]:
             return world.layout(size, self.rng)
-        side = self.rng.uniform(*POOL_LAYOUT["side"]) * size
-        top, left = size / 2 - side / 2 + self.rng.uniform(-1, 1, 2) * POOL_LAYOUT["offset"] * size
+        width, height = world.canvas(size)
+        short = min(width, height)
+        side = self.rng.uniform(*POOL_LAYOUT["side"]) * short
+        centre = np.array([height, width]) / 2
+        top, left = centre - side / 2 + self.rng.uniform(-1, 1, 2) * POOL_LAYOUT["offset"] * short
         return Box(top, left, side, side)
 
     def _log_loss(self, stage: str, step: int, steps: int, losses: list[float], every: int = 0) -> None:
@@ -633,6 +651,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where the models train, e.g. cuda (default cpu); the random draws are the same on any",
     )
     parser.add_argument(
+        "--sizes",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="stage 6 alone, in place: the transformer and the LoRA at every preset size "
+        "(experimental, see demo_model/sizes.py); --transformer-steps, --lora-steps, --lr set it",
+    )
+    parser.add_argument(
         "--widen",
         type=Path,
         metavar="MODEL_DIR",
@@ -643,8 +668,16 @@ def main(argv: list[str] | None = None) -> int:
             f"--{stage}-steps", type=int, default=None, help=f"default {getattr(FULL, stage)}"
         )
     parser.add_argument("--batch", type=int, default=Settings.batch)
+    parser.add_argument(
+        "--lora-lr", type=float, default=Settings.lora_lr, help="the LoRA's peak learning rate"
+    )
     parser.add_argument("--eval-every", type=int, default=Settings.eval_every)
-    parser.add_argument("--lr", type=float, default=Settings.lr, help="the transformer's peak learning rate")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"the transformer's peak learning rate (default {Settings.lr}; stage 6 alone: 3e-4)",
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -663,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
         batch=4 if args.quick else args.batch,
         renders_per_scene=1 if args.quick else Settings.renders_per_scene,
         eval_every=args.eval_every,
-        lr=args.lr,
+        lr=args.lr or Settings.lr,
+        lora_lr=args.lora_lr,
         log_every=1 if args.quick else Settings.log_every,
         quick=args.quick,
         device=args.device,
@@ -687,7 +721,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.widen:
         widen.widen_folder(args.widen, widen.WidenSettings.for_run(args.seed, quick=args.quick), args.device)
         return 0
-    Trainer(settings).run()
+    if not args.sizes:
+        Trainer(settings).run()
+        return 0
+    # Stage 6 runs only when asked: it has not yet made weights good enough to commit (sizes.py).
+    from demo_model import sizes  # it builds on this module's Trainer
+
+    base6 = sizes.QUICK_SIZES if args.quick else sizes.FULL_SIZES
+    stage6 = sizes.SizeSteps(
+        transformer=base6.transformer if args.transformer_steps is None else args.transformer_steps,
+        lora=base6.lora if args.lora_steps is None else args.lora_steps,
+    )
+    settings6 = sizes.settings_for(
+        args.sizes,
+        args.seed,
+        args.threads,
+        quick=args.quick,
+        device=args.device,
+        steps=stage6,
+        lr=args.lr or sizes.FINE_TUNE_LR,
+        lora_lr=args.lora_lr,
+    )
+    sizes.train_sizes(args.sizes, *settings6)
     return 0
 
 

@@ -11,7 +11,7 @@ it (blur, noise, colour drift, JPEG):
 1. background: the per-channel median of a thin border ring, the nearest background colour
    within BACKGROUND_DISTANCE;
 2. foreground: pixels farther than FOREGROUND_DISTANCE from that median, specks removed by a
-   3x3 opening; it must cover FOREGROUND_AREA of the image;
+   3x3 opening; it must cover FOREGROUND_AREA of the shorter side squared;
 3. shape: each shape's template, placed and scaled so its centroid and spread match the
    foreground's (moments shrug off a blunted corner or a speck, where a bounding box would not),
    the one with the highest intersection over union, if at least MIN_SHAPE_IOU;
@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 RGB = tuple[int, int, int]
+Size = int | tuple[int, int]  # one side (a square), or (width, height)
 
 SHAPES = ("circle", "square", "triangle", "cross")
 # Saturated colours a quarter turn or more apart in hue, except red and yellow (about 54 degrees).
@@ -70,7 +71,7 @@ SUPERSAMPLE = 4
 BORDER = 1 / 32  # border ring width, fraction of the side (2 px at 64)
 BACKGROUND_DISTANCE = 100.0  # the border's median must be this near a background colour
 FOREGROUND_DISTANCE = 80.0  # about half the smallest shape-to-background distance (190)
-FOREGROUND_AREA = (0.03, 0.6)  # share of the image; the smallest triangle covers 8%
+FOREGROUND_AREA = (0.03, 0.6)  # share of the shorter side squared; the smallest triangle: 8%
 INTERIOR = 1 / 32  # erosion depth for the colour and stripe readings (2 px at 64)
 MOMENT_GRID = 100  # points per side when measuring a template's moments
 MIN_SHAPE_IOU = 0.6  # the closest templates, circle and square, overlap 0.785
@@ -171,38 +172,50 @@ def parse_prompt(text: str) -> Scene:
     return Scene(shape, colour, backgrounds[0])
 
 
-def layout(size: int = 64, rng: np.random.Generator | None = None) -> Box:
-    """The centred box without rng; with it, a random side and position clear of the border."""
+def canvas(size: Size) -> tuple[int, int]:
+    """(width, height) of a size given as one side (a square) or as (width, height), as PIL says."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def layout(size: Size = 64, rng: np.random.Generator | None = None) -> Box:
+    """The centred box without rng; with it, a random side and position clear of the border.
+    The shape's side is a share of the shorter side, so a wide picture keeps it whole."""
+    width, height = canvas(size)
+    short = min(width, height)
     if rng is None:
-        side = CENTRED_SIDE * size
-        start = (size - side) / 2
-        return Box(start, start, side, side)
-    side = rng.uniform(*SIDE_RANGE) * size
-    top, left = rng.uniform(MARGIN * size, size - MARGIN * size - side, 2)
+        side = CENTRED_SIDE * short
+        return Box((height - side) / 2, (width - side) / 2, side, side)
+    side = rng.uniform(*SIDE_RANGE) * short
+    margin = MARGIN * short
+    # One draw of two numbers, as for a square, so square renders repeat for a seed.
+    top, left = rng.uniform([margin, margin], [height - margin - side, width - margin - side])
     return Box(top, left, side, side)
 
 
-def render(scene: Scene, size: int = 64, *, rng: np.random.Generator | None = None) -> Image.Image:
+def render(scene: Scene, size: Size = 64, *, rng: np.random.Generator | None = None) -> Image.Image:
     """The scene as an RGB image; rng jitters the shape's size and position (training variety)."""
     return paint(scene, size, layout(size, rng))
 
 
-def paint(scene: Scene, size: int, box: Box) -> Image.Image:
+def paint(scene: Scene, size: Size, box: Box) -> Image.Image:
     """The scene with its shape in a given box, edges and stripes anti-aliased."""
-    cover = _coverage(scene.shape, (size, size), box, SUPERSAMPLE)
-    fill = np.broadcast_to(np.array(COLOURS[scene.colour], np.float32), (size, size, 3))
+    width, height = canvas(size)
+    supersample = _supersample(min(width, height))
+    cover = _coverage(scene.shape, (height, width), box, supersample)
+    fill = np.broadcast_to(np.array(COLOURS[scene.colour], np.float32), (height, width, 3))
     if scene.striped:
         band = np.array(_band_colour(BACKGROUNDS[scene.background]), np.float32)
-        bands = _stripes(size)[..., None]
+        bands = _stripes(height, width, supersample)[..., None]
         fill = fill * (1 - bands) + band * bands
     background = np.array(BACKGROUNDS[scene.background], np.float32)
     pixels = background * (1 - cover[..., None]) + fill * cover[..., None]
     return Image.fromarray(np.round(pixels).astype(np.uint8), "RGB")
 
 
-def shape_mask(shape: str, size: int = 64, box: Box | None = None) -> np.ndarray:
-    """Boolean (size, size) mask of the pixels whose centre lies in the shape (default: centred)."""
-    return _coverage(shape, (size, size), box or layout(size), 1) >= 0.5
+def shape_mask(shape: str, size: Size = 64, box: Box | None = None) -> np.ndarray:
+    """Boolean (height, width) mask of the pixels whose centre lies in the shape (default: centred)."""
+    width, height = canvas(size)
+    return _coverage(shape, (height, width), box or layout(size), 1) >= 0.5
 
 
 def foreground_mask(image: Image.Image) -> np.ndarray:
@@ -226,7 +239,8 @@ def read(image: Image.Image) -> Reading:
     border = _border_median(pixels)
     background = _nearest(border, BACKGROUNDS, BACKGROUND_DISTANCE)
     mask = _foreground(pixels, border)
-    fraction = float(mask.mean())
+    # Measured against the shorter side squared: the shape's side is a share of it (layout).
+    fraction = float(np.count_nonzero(mask) / min(mask.shape) ** 2)
     if not FOREGROUND_AREA[0] <= fraction <= FOREGROUND_AREA[1]:
         return Reading(None, None, background, False, 0.0, 0.0, fraction)
     shape, iou = _read_shape(mask)
@@ -291,15 +305,21 @@ def _coverage(shape: str, size: tuple[int, int], box: Box, supersample: int) -> 
     return inside.reshape(height, supersample, width, supersample).mean(axis=(1, 3))
 
 
-def _stripes(size: int) -> np.ndarray:
-    """Share of each pixel in a band: diagonal bands, half of each period."""
+def _stripes(height: int, width: int, supersample: int) -> np.ndarray:
+    """Share of each pixel in a band: diagonal bands, half of each period (of the shorter side)."""
     # The bands run along x + y = constant, so a pixel's share depends on x + y only: measure the
-    # 2 * size - 1 diagonals once (supersampled) and index them.
-    offsets = (np.arange(SUPERSAMPLE) + 0.5) / SUPERSAMPLE
+    # height + width - 1 diagonals once (supersampled) and index them.
+    offsets = (np.arange(supersample) + 0.5) / supersample
     within = np.add.outer(offsets, offsets).ravel()
-    across = (np.arange(2 * size - 1)[:, None] + within[None, :]) / math.sqrt(2)
-    share = ((across / (STRIPE_PERIOD * size)) % 1.0 < 0.5).mean(axis=1)
-    return share[np.add.outer(np.arange(size), np.arange(size))]
+    across = (np.arange(height + width - 1)[:, None] + within[None, :]) / math.sqrt(2)
+    share = ((across / (STRIPE_PERIOD * min(height, width))) % 1.0 < 0.5).mean(axis=1)
+    return share[np.add.outer(np.arange(height), np.arange(width))]
+
+
+def _supersample(short: int) -> int:
+    """Subsamples per pixel side: SUPERSAMPLE up to 256 px, fewer above (edges stay smooth, and a
+    megapixel render takes a tenth of a second)."""
+    return max(1, min(SUPERSAMPLE, 1024 // short))
 
 
 def _band_colour(background: RGB | np.ndarray) -> RGB:

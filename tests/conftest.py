@@ -57,9 +57,14 @@ NO_SERVICES = {
 
 
 @contextmanager
-def serving(model_dir: Path, folder: Path) -> Iterator[CogServer]:
+def serving(model_dir: Path, folder: Path, **extra_env: str) -> Iterator[CogServer]:
     """The real server on `model_dir`, ready, with its LoRA cache and log in `folder`."""
-    env = {"FLUX_MODEL_DIR": str(model_dir), "FLUX_LORA_CACHE_DIR": str(folder / "cache"), **NO_SERVICES}
+    env = {
+        "FLUX_MODEL_DIR": str(model_dir),
+        "FLUX_LORA_CACHE_DIR": str(folder / "cache"),
+        **NO_SERVICES,
+        **extra_env,
+    }
     with CogServer(env=env, log_path=folder / "coglet.log") as cog:
         health = cog.start()
         assert health["status"] == "READY", health
@@ -69,6 +74,13 @@ def serving(model_dir: Path, folder: Path) -> Iterator[CogServer]:
 @pytest.fixture(scope="session")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
     with serving(tiny_model_dir, tmp_path_factory.mktemp("server")) as cog:
+        yield cog
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    """The real server on the committed demo model (demo/), which draws what its prompts ask."""
+    with serving(layout.DEMO_MODEL_DIR, tmp_path_factory.mktemp("demo-server")) as cog:
         yield cog
 
 

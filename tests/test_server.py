@@ -237,7 +237,10 @@ def test_missing_prompt_is_422(server: CogServer):
             ["prompt_strength: 0.02", "no denoising step", ">= 0.036"],
         ),
         ({"image": "NOT_AN_IMAGE"}, ["image: the 5 bytes received (they begin b'hello') are not an image"]),
-        ({"image": "EMPTY"}, ["image: data:image/png;base64,... (22 characters) holds no bytes", "base64-encoded"]),
+        (
+            {"image": "EMPTY"},
+            ["image: data:image/png;base64,... (22 characters) holds no bytes", "base64-encoded"],
+        ),
     ],
 )
 def test_cross_field_errors_fail_precisely_and_the_next_request_works(server: CogServer, inputs, fragments):

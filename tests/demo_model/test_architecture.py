@@ -5,10 +5,10 @@ Few scenes and few steps keep them fast; demo_model/quality.py measures every sc
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from demo_model.world import Scene
 from flux_lora.dev.cog_server import CogServer, bytes_to_data_uri
 from flux_lora.dev.model_choice import model_dir_for_scripts
 from flux_lora.models import layout
-from tests.conftest import NO_SERVICES, image_data_uri, open_image, output_images, predict_ok, serving
+from tests.conftest import NO_SERVICES, image_data_uri, open_image, output_images, predict_ok
 
 DEMO = layout.DEMO_MODEL_DIR
 REPO = layout.REPO_ROOT
@@ -42,12 +42,6 @@ SCENES = (
     Scene("triangle", "green", "white"),
     Scene("cross", "blue", "white"),
 )
-
-
-@pytest.fixture(scope="module")
-def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    with serving(DEMO, tmp_path_factory.mktemp("demo-server")) as cog:
-        yield cog
 
 
 def draw(server: CogServer, scene: Scene, model: str = "dev", **inputs) -> Image.Image:
@@ -194,3 +188,44 @@ def test_an_image_too_small_or_narrow_to_draw_is_refused_naming_the_limit(demo_s
     )
     assert status == 200 and body["status"] == "failed", body
     assert "image: scaled to fit 1440 px" in body["error"] and "at least 32 px a side" in body["error"]
+
+
+def test_a_prompt_or_size_outside_the_demo_world_gets_one_log_line(demo_server: CogServer):
+    """The demo model runs any prompt at any size, but draws only its world: the log says so."""
+    outside = predict_ok(demo_server, **{**BASE, "prompt": "a TOK emoji of a cat", "num_inference_steps": 2})
+    assert outside["logs"].count("Demo model: 'a TOK emoji of a cat' is outside what it knows") == 1
+    assert "prompted like 'a red circle on a blue background'" in outside["logs"]
+    odd_size = {**BASE, "width": 800, "height": 608, "num_inference_steps": 2}
+    logs = predict_ok(demo_server, **odd_size, prompt=SCENES[0].prompt)["logs"]
+    assert logs.count("Demo model: 800x608 is not a size it learned") == 1, logs
+    assert "outside what it knows" not in logs
+    inside = predict_ok(
+        demo_server, **{**BASE, "prompt": "TOK, " + SCENES[1].prompt, "num_inference_steps": 2}
+    )
+    assert "Demo model" not in inside["logs"], inside["logs"]
+
+
+def test_world_json_matches_the_world_and_its_prompts():
+    """The served model's world.json (flux_lora.models.world) says what demo_model.world draws."""
+    from demo_model import sizes
+    from flux_lora.models.world import ModelWorld
+
+    known = ModelWorld.load(DEMO)
+    assert known.shapes == world.SHAPES and known.colours == tuple(world.COLOURS)
+    assert known.backgrounds == tuple(world.BACKGROUNDS)
+    # The sizes it was measured drawing (quality.json), all of them sizes stage 6 trains.
+    record = json.loads((DEMO / "quality.json").read_text())
+    assert known.sizes == quality.drawn_sizes(record)
+    assert known.sizes <= {size for group in sizes.GROUPS.values() for size in group.sizes}
+    assert known.sizes_known == sizes.sizes_in_words(known.sizes)
+    for scene in world.all_scenes():
+        assert known.knows_prompt(scene.prompt) and known.knows_prompt(f"TOK {scene.prompt}, striped")
+    for prompt in (
+        "a TOK emoji of a cat",
+        "a red circle",
+        "a circle on a blue background",
+        "a red square and a blue circle on a white background",
+    ):
+        assert not known.knows_prompt(prompt), prompt
+        with pytest.raises(ValueError):
+            world.parse_prompt(prompt)

@@ -118,11 +118,35 @@ def test_widen_alone_replaces_a_saved_core_vae(quick_model: Path, tmp_path: Path
 
 
 @pytest.mark.slow
+def test_sizes_alone_retrains_the_transformers_and_the_lora_in_place(quick_model: Path, tmp_path: Path):
+    """`--sizes` (stage 6) on a saved model: both transformers and the LoRA are rewritten, and
+    world.json says what the model now knows."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(quick_model, model)
+    before = {path: path.read_bytes() for path in model.glob("FLUX.1-*/transformer/*.safetensors")}
+    before_lora = (model / architecture.LORA_FILE).read_bytes()
+    subprocess.run(
+        ["./scripts/train-demo", "--quick", "--sizes", str(model)], cwd=REPO, check=True, timeout=120
+    )
+    assert len(before) == 2 and all(path.read_bytes() != data for path, data in before.items())
+    assert (model / architecture.LORA_FILE).read_bytes() != before_lora
+    assert json.loads((model / "world.json").read_text())["example"] == "a red circle on a blue background"
+    record = json.loads((model / architecture.RECORD_FILE).read_text())
+    assert set(record["sizes"][-1]["pools"]) == {"256x256", "0.25 MP", "1 MP"}
+    assert record["sizes"][-1]["steps"] == {"transformer": 3, "lora": 2}
+    assert "sizes 1: sizes" in record["stage_seconds"]
+
+
+@pytest.mark.slow
 def test_quality_bench_runs_on_the_quick_model(quick_model: Path):
     record = quality.measure(
-        quick_model, seeds=1, scenes=world.all_scenes()[:1], steps={"dev": 2, "schnell": 1}
+        quick_model, seeds=1, scenes=world.all_scenes()[:1], steps={"dev": 2, "schnell": 1}, ratios=["21:9"]
     )
-    assert set(record) >= {"txt2img", "img2img", "inpaint", "lora"}
+    assert set(record) >= {"txt2img", "img2img", "inpaint", "lora", "sizes"}
+    assert set(record["sizes"]["1 MP"]) == {"21:9 1536x640"}
+    assert set(record["sizes"]["0.25 MP"]["21:9 768x320"]) == {"dev", "schnell"}
     assert set(record["txt2img"]) == {"dev", "schnell"}
 
 
