@@ -35,10 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     resolve = commands.add_parser(
-        "resolve-lora", help="show what a LoRA reference would fetch, fetching nothing"
+        "resolve-lora",
+        help="show what a LoRA reference would fetch, fetching nothing; with --file, a local "
+        "file's layout, adapter type and the transformer layers it touches",
     )
     resolve.add_argument(
-        "reference", help="e.g. owner/model, huggingface.co/owner/repo, civitai.com/models/123"
+        "reference", nargs="?", help="e.g. owner/model, huggingface.co/owner/repo, civitai.com/models/123"
+    )
+    resolve.add_argument(
+        "--file", type=Path, help="instead: a local .safetensors file's layout, adapter type and layers"
     )
     commands.add_parser(
         "model-dir",
@@ -63,8 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         from flux_lora.errors import InputError
         from flux_lora.lora.refs import describe, parse_lora_ref
 
+        if (args.reference is None) == (args.file is None):
+            parser.error("resolve-lora takes a reference or --file FILE")
         try:
-            print(describe(parse_lora_ref(args.reference, "reference")))
+            if args.file is not None:
+                from flux_lora.lora.adapters import describe_file
+
+                if not args.file.is_file():
+                    parser.error(f"--file {args.file}: no such file")
+                print(describe_file(str(args.file)))
+            else:
+                print(describe(parse_lora_ref(args.reference, "reference")))
         except InputError as err:
             print(err, file=sys.stderr)
             return 2

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from flux_lora.errors import InputError
+from flux_lora.lora.layouts import Layout, detect
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class LoraWeights:
     network_alphas: dict[str, float] | None
     metadata: dict | None
     text_encoder_keys: int
+    layout: Layout
 
 
 def read_lora(path: str, label: str, display: str) -> LoraWeights:
@@ -71,6 +75,14 @@ def read_lora(path: str, label: str, display: str) -> LoraWeights:
             f"{label}: {display} holds {len(raw)} tensors; a FLUX.1 LoRA holds at most a few thousand "
             f"(this container reads up to {MAX_LORA_TENSORS}). Is it a LoRA?"
         )
+    layout = detect(raw)
+    if not layout.applied:
+        raise InputError(
+            f"{label}: {display} holds {layout.describe()}. This container applies LoRA adapters "
+            "(lora_A/lora_B or lora_down/lora_up pairs) only, and would not apply this one as its "
+            "trainer defines it, so it refuses it rather than load part of it. Use a LoRA version "
+            "of the adapter."
+        )
     source: str | dict[str, torch.Tensor] = path
     if any(".lora_A." in key for key in raw) and any(key.startswith("diffusion_model.") for key in raw):
         source = {_bfl_ab_to_updown(key): value for key, value in raw.items()}
@@ -81,7 +93,8 @@ def read_lora(path: str, label: str, display: str) -> LoraWeights:
     except (AssertionError, KeyError, ValueError, RuntimeError) as err:
         raise InputError(
             f"{label}: {display} could not be converted to FLUX.1's layout ({err.__class__.__name__}); "
-            f"its keys look like {_sample(raw)}. Is it a LoRA for FLUX.1 [dev] or [schnell]?"
+            f"it looks like {layout.describe()}; its keys look like {_sample(raw)}. Is it a LoRA "
+            "for FLUX.1 [dev] or [schnell]?"
         ) from err
     transformer: dict[str, torch.Tensor] = {}
     text_encoder_keys = 0
@@ -96,7 +109,7 @@ def read_lora(path: str, label: str, display: str) -> LoraWeights:
         }
     if transformer:  # none at all: the caller says so, after logging any text-encoder part
         _check_pairs(transformer, f"{label}: {display}")
-    return LoraWeights(transformer, alphas or None, metadata, text_encoder_keys)
+    return LoraWeights(transformer, alphas or None, metadata, text_encoder_keys, layout)
 
 
 def no_stop() -> None:
@@ -264,3 +277,47 @@ def _sample(state_dict: dict, count: int = 3) -> str:
 
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0][:200] if str(err).strip() else err.__class__.__name__
+
+
+def describe_file(path: str) -> str:
+    """What a local LoRA file is and which transformer layers it touches: `resolve-lora --file FILE`.
+    Raises InputError as a load would, for a file this container refuses."""
+    from flux_lora import third_party_logs
+
+    third_party_logs.install()  # as setup does: diffusers' import would log them here
+    weights = read_lora(path, "file", Path(path).name)
+    lines = [f"{path}: {weights.layout.describe()}"]
+    if weights.text_encoder_keys:
+        lines.append(
+            f"  text encoders: {weights.text_encoder_keys} tensors, not applied (the transformer part is)"
+        )
+    if not weights.state_dict:
+        lines.append("  no transformer layers: a load would fail")
+        return "\n".join(lines)
+    modules: dict[str, set[int]] = {}
+    ranks = set()
+    for key, value in weights.state_dict.items():
+        module, _, kind = key.partition(".lora_")
+        if kind.startswith("A"):
+            ranks.add(value.shape[0])
+        pattern = re.sub(r"\.(\d+)\.", ".N.", module, count=1)
+        found = re.search(r"\.(\d+)\.", module)
+        modules.setdefault(pattern, set()).add(int(found[1]) if found else -1)
+    layers = sum(len(blocks) for blocks in modules.values())
+    lines.append(f"  {layers} transformer layers, rank {', '.join(map(str, sorted(ranks)))}:")
+    for pattern, blocks in sorted(modules.items()):
+        numbered = sorted(block for block in blocks if block >= 0)
+        where = f" (N = {_ranges(numbered)})" if numbered else ""
+        lines.append(f"    {pattern}{where}")
+    return "\n".join(lines)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    spans: list[list[int]] = []
+    for number in numbers:
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
