@@ -50,21 +50,10 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def fake() -> FakeServer:
-    with FakeServer("127.0.0.1") as server:
-        yield server
-
-
-@pytest.fixture
 def other() -> FakeServer:
     """A second loopback host: a different origin for cross-host redirects."""
     with FakeServer("127.0.0.2") as server:
         yield server
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> LoraCache:
-    return LoraCache(tmp_path / "cache", max_bytes=10**9)
 
 
 @pytest.fixture

@@ -53,17 +53,6 @@ def bzip2_bomb(claimed: int = 1990 * 1024**2, zeros: int = 16 * 1024**2) -> byte
     return b"".join([*parts, compressor.flush()])
 
 
-@pytest.fixture
-def fake() -> FakeServer:
-    with FakeServer("127.0.0.1") as server:
-        yield server
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> LoraCache:
-    return LoraCache(tmp_path / "cache", max_bytes=10**9)
-
-
 def fetcher_for(cache: LoraCache, **kwargs) -> LoraFetcher:
     return LoraFetcher(cache, max_download_bytes=1024**2, allow_private=True, **kwargs)
 
