@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +109,6 @@ class SizeTrainer(Trainer):
 
     def encode_pools(self) -> None:
         """Renders of every scene, plain and striped, at every size, through the saved VAE."""
-        vae = self.components["vae"]
         for group in self.groups.values():
             for size in group.sizes:
                 items = [
@@ -121,23 +119,9 @@ class SizeTrainer(Trainer):
                 ]
                 if self.settings.quick:
                     items = items[:2] + items[-2:]
-                means, stds = [], []
-                with torch.no_grad():
-                    for start in range(0, len(items), ENCODE_CHUNK):
-                        chunk = items[start : start + ENCODE_CHUNK]
-                        scenes = [dataclasses.replace(self.scenes[i], striped=s) for i, s in chunk]
-                        images = [world.paint(s, size, self._pool_box(size)) for s in scenes]
-                        posterior = vae.encode(architecture.to_tensor(images).to(self.device)).latent_dist
-                        # float16 halves the pool (a megapixel latent is 256 kB in float32)
-                        means.append(posterior.mean.cpu().half())
-                        stds.append(posterior.std.cpu().half())
-                self.pools[size] = Pool(
-                    mean=torch.cat(means),
-                    std=torch.cat(stds),
-                    scene=torch.tensor([i for i, _ in items]),
-                    striped=torch.tensor([s for _, s in items]),
-                )
-                log.info("pool %dx%d: %d renders (%.1f min)", *size, len(items), self._minutes())
+                # float16 halves the pool (a megapixel latent is 256 kB in float32)
+                self.pools[size] = self.encode_renders(items, size, ENCODE_CHUNK, torch.float16)
+                log.info("pool %dx%d: %d renders (%.1f min)", *size, len(items), self.minutes())
         self.record["pools"] = {
             name: {"sizes": len(group.sizes), "renders_per_scene_and_style": group.renders}
             for name, group in self.groups.items()
@@ -168,9 +152,6 @@ class SizeTrainer(Trainer):
                     f"{label} {size[0]}x{size[1]}", transformer, stripes=stripes, size=size
                 )
         return found
-
-    def _minutes(self) -> float:
-        return (time.perf_counter() - self.started) / 60
 
 
 def train_sizes(root: Path, settings: Settings, steps: SizeSteps) -> dict:

@@ -174,7 +174,7 @@ class Trainer:
         for module in components.values():  # saved from the CPU, whatever trained them
             if isinstance(module, torch.nn.Module):
                 module.to("cpu")
-        self.record["minutes"] = round((time.perf_counter() - self.started) / 60, 2)
+        self.record["minutes"] = round(self.minutes(), 2)
         root = architecture.save(
             self.settings.out, components, architecture.schnell_twin(ema), lora, self.record
         )
@@ -228,20 +228,7 @@ class Trainer:
         """Renders of every scene, plain and striped (POOL_LAYOUT), encoded; sets the VAE's factors."""
         vae, count = self.components["vae"], self.settings.renders_per_scene
         items = [(index, striped) for striped in (False, True) for index in range(len(self.scenes))] * count
-        means, stds = [], []
-        with torch.no_grad():
-            for start in range(0, len(items), 64):
-                chunk = items[start : start + 64]
-                scenes = [dataclasses.replace(self.scenes[i], striped=s) for i, s in chunk]
-                posterior = vae.encode(self._render(scenes, layout="pool").to(self.device)).latent_dist
-                means.append(posterior.mean.cpu())
-                stds.append(posterior.std.cpu())
-        pool = Pool(
-            mean=torch.cat(means),
-            std=torch.cat(stds),
-            scene=torch.tensor([i for i, _ in items]),
-            striped=torch.tensor([s for _, s in items]),
-        )
+        pool = self.encode_renders(items, architecture.CORE_SIZE, chunk=64)
         samples = pool.mean + pool.std * torch.randn(pool.mean.shape, generator=self.generator)
         shift, spread = samples.mean().item(), samples.std().item()
         vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(1 / spread, 4))
@@ -253,6 +240,31 @@ class Trainer:
         }
         log.info("latents: %s", self.record["latents"])
         return pool
+
+    def encode_renders(
+        self, items: list[tuple[int, bool]], size: world.Size, chunk: int, dtype: torch.dtype = torch.float32
+    ) -> Pool:
+        """(scene index, striped) pairs rendered at `size` as the pool lays them out (POOL_LAYOUT),
+        encoded by the VAE `chunk` at a time; the posterior kept in `dtype`."""
+        vae = self.components["vae"]
+        means, stds = [], []
+        with torch.no_grad():
+            for start in range(0, len(items), chunk):
+                scenes = [
+                    dataclasses.replace(self.scenes[i], striped=s) for i, s in items[start : start + chunk]
+                ]
+                images = architecture.to_tensor(
+                    [world.paint(scene, size, self._pool_box(size)) for scene in scenes]
+                )
+                posterior = vae.encode(images.to(self.device)).latent_dist
+                means.append(posterior.mean.cpu().to(dtype))
+                stds.append(posterior.std.cpu().to(dtype))
+        return Pool(
+            mean=torch.cat(means),
+            std=torch.cat(stds),
+            scene=torch.tensor([i for i, _ in items]),
+            striped=torch.tensor([s for _, s in items]),
+        )
 
     # -- stage 2: the text encoders ------------------------------------------------------------
 
@@ -547,12 +559,11 @@ class Trainer:
 
     def _render(self, scenes: list[Scene], *, layout: str = "world") -> torch.Tensor:
         """Images in [-1, 1], (batch, 3, 64, 64), laid out as `layout` says: "world" jitters as
-        world.render does, "centred" does not, "pool" mostly keeps near the centre."""
+        world.render does, "centred" does not (the pool's layout: `encode_renders`)."""
         size = architecture.CORE_SIZE
         boxes = {
             "world": lambda: world.layout(size, self.rng),
             "centred": lambda: world.layout(size),
-            "pool": self._pool_box,
         }[layout]
         return architecture.to_tensor([world.paint(scene, size, boxes()) for scene in scenes])
 
@@ -570,10 +581,18 @@ class Trainer:
     def _log_loss(self, stage: str, step: int, steps: int, losses: list[float], every: int = 0) -> None:
         every = every or self.settings.log_every
         if (step + 1) % every == 0 or step + 1 == steps:
-            minutes = (time.perf_counter() - self.started) / 60
             log.info(
-                "%s step %d/%d loss %.4f (%.1f min)", stage, step + 1, steps, _tail_mean(losses), minutes
+                "%s step %d/%d loss %.4f (%.1f min)",
+                stage,
+                step + 1,
+                steps,
+                _tail_mean(losses),
+                self.minutes(),
             )
+
+    def minutes(self) -> float:
+        """Minutes since the run started."""
+        return (time.perf_counter() - self.started) / 60
 
 
 # Every linear layer inside the blocks: attention, feed-forward, the single blocks' MLP. The

@@ -27,12 +27,13 @@ it (blur, noise, colour drift, JPEG):
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from flux_lora.models.world import scene_words
 
 RGB = tuple[int, int, int]
 Size = int | tuple[int, int]  # one side (a square), or (width, height)
@@ -151,10 +152,8 @@ def all_scenes(striped: bool = False) -> list[Scene]:
 
 def parse_prompt(text: str) -> Scene:
     """The scene a prompt names; other words (a trigger word, "striped style") are ignored."""
-    words = text.lower()
-    shapes = _find(rf"\b({'|'.join(SHAPES)})\b", words)
-    coloured = _find(rf"\b({'|'.join(COLOURS)})\s+({'|'.join(SHAPES)})\b", words)
-    backgrounds = _find(rf"\b({'|'.join(BACKGROUNDS)})\s+background\b", words)
+    words = scene_words(text, SHAPES, tuple(COLOURS), tuple(BACKGROUNDS))
+    shapes, coloured, backgrounds = words.shapes, words.coloured, words.backgrounds
     if not shapes:
         raise ValueError(f"{text!r} names no shape: say one of {', '.join(SHAPES)}")
     if len(shapes) > 1:
@@ -271,12 +270,6 @@ def judge(image: Image.Image, scene: Scene) -> Verdict:
         shape_ok=seen.shape == scene.shape,
         striped=seen.striped,
     )
-
-
-def _find(pattern: str, text: str) -> list[str]:
-    """Distinct matches in order, a match of several groups joined by a space."""
-    found = (" ".join(match) if isinstance(match, tuple) else match for match in re.findall(pattern, text))
-    return list(dict.fromkeys(found))
 
 
 def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -47,11 +47,8 @@ class ModelWorld:
     def knows_prompt(self, prompt: str) -> bool:
         """Names one shape, with one of the colours before it, and "on a <colour> background";
         other words (a trigger word, "striped") may come along."""
-        words = prompt.lower()
-        shapes = set(re.findall(rf"\b({_either(self.shapes)})\b", words))
-        coloured = re.search(rf"\b({_either(self.colours)})\s+({_either(self.shapes)})\b", words)
-        background = re.findall(rf"\b({_either(self.backgrounds)})\s+background\b", words)
-        return len(shapes) == 1 and coloured is not None and len(set(background)) == 1
+        words = scene_words(prompt, self.shapes, self.colours, self.backgrounds)
+        return len(words.shapes) == 1 and bool(words.coloured) and len(words.backgrounds) == 1
 
     def notes(self, prompt: str, size: tuple[int, int]) -> list[str]:
         """One log line for a prompt outside the world, one for a size it never learned."""
@@ -69,6 +66,33 @@ class ModelWorld:
                 f"It knows {self.sizes_known}"
             )
         return found
+
+
+@dataclass(frozen=True)
+class SceneWords:
+    """The world's words a prompt uses, each distinct, in the order they appear."""
+
+    shapes: list[str]
+    coloured: list[str]  # "red circle": a colour right before a shape
+    backgrounds: list[str]  # "blue", from "blue background"
+
+
+def scene_words(
+    prompt: str, shapes: tuple[str, ...], colours: tuple[str, ...], backgrounds: tuple[str, ...]
+) -> SceneWords:
+    """The one reading of a prompt that the server's check and the demo world's parser share."""
+    text = prompt.lower()
+    return SceneWords(
+        shapes=_distinct(rf"\b({_either(shapes)})\b", text),
+        coloured=_distinct(rf"\b({_either(colours)})\s+({_either(shapes)})\b", text),
+        backgrounds=_distinct(rf"\b({_either(backgrounds)})\s+background\b", text),
+    )
+
+
+def _distinct(pattern: str, text: str) -> list[str]:
+    """Distinct matches in order, a match of several groups joined by a space."""
+    found = (" ".join(match) if isinstance(match, tuple) else match for match in re.findall(pattern, text))
+    return list(dict.fromkeys(found))
 
 
 def _either(words: tuple[str, ...]) -> str:
