@@ -287,10 +287,8 @@ def describe_file(path: str) -> str:
     third_party_logs.install()  # as setup does: diffusers' import would log them here
     weights = read_lora(path, "file", Path(path).name)
     lines = [f"{path}: {weights.layout.describe()}"]
-    if weights.text_encoder_keys:
-        lines.append(
-            f"  text encoders: {weights.text_encoder_keys} tensors, not applied (the transformer part is)"
-        )
+    if weights.text_encoder_keys:  # counted in the file's own keys by the layout line above
+        lines.append("  text encoders: not applied (the transformer part is)")
     if not weights.state_dict:
         lines.append("  no transformer layers: a load would fail")
         return "\n".join(lines)
