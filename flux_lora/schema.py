@@ -118,7 +118,6 @@ def unused_inputs(request: GenerationRequest, size: tuple[int, int]) -> list[str
     it draws): the schema lets them through, and a user who set one expects it to count."""
     defaults = GenerationRequest(prompt="")
     given = [name for name in ("width", "height") if getattr(request, name) is not None]
-    sizing = ", ".join(f"{name}={getattr(request, name)}" for name in given)
     drawn = f"{size[0]}x{size[1]}"
     if request.mode != "txt2img":
         given += [
@@ -128,18 +127,24 @@ def unused_inputs(request: GenerationRequest, size: tuple[int, int]) -> list[str
         ]
         if not given:
             return []
-        settings = ", ".join(f"{name}={getattr(request, name)}" for name in given)
-        return [f"{settings}: not used with an image: the output takes the input image's size ({drawn})"]
+        return [
+            f"{_named(request, given)}: not used with an image: the output takes the input image's size ({drawn})"
+        ]
     if request.aspect_ratio != CUSTOM and given:
         return [
-            f"{sizing}: not used: width and height apply only with aspect_ratio=custom; this picture is "
-            f"{drawn} (aspect_ratio={request.aspect_ratio}, megapixels={request.megapixels})"
+            f"{_named(request, given)}: not used: width and height apply only with aspect_ratio=custom; "
+            f"this picture is {drawn} (aspect_ratio={request.aspect_ratio}, megapixels={request.megapixels})"
         ]
     if request.aspect_ratio == CUSTOM and request.megapixels != defaults.megapixels:
         return [
             f"megapixels={request.megapixels}: not used with aspect_ratio=custom: width and height set the size ({drawn})"
         ]
     return []
+
+
+def _named(request: GenerationRequest, names: list[str]) -> str:
+    """The inputs `names` as the request set them, e.g. "width=640, height=480"."""
+    return ", ".join(f"{name}={getattr(request, name)}" for name in names)
 
 
 def _whole_number(name: str, value: float) -> int:
