@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("resolve-lora takes a reference or --file FILE")
         try:
             if args.file is not None:
-                from flux_lora.lora.adapters import describe_file
+                from flux_lora.lora.report import describe_file
 
                 if not args.file.is_file():
                     parser.error(f"--file {args.file}: no such file")
