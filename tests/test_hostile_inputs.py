@@ -42,7 +42,7 @@ HOSTILE = {
     ),
     "a LoRA with no FLUX keys": (
         {"extra_lora": data_uri(save({"foo.bar.weight": torch.zeros(2, 2)}))},
-        "extra_lora: .*has no LoRA matrices for the FLUX transformer",
+        "extra_lora: .*of no adapter type this container knows",
     ),
     "a LoRA of too many tensors": (
         {"replicate_weights": data_uri(save({f"transformer.b{i}.lora_A.weight": torch.zeros(1, 1) for i in range(MAX_LORA_TENSORS + 1)}))},

@@ -1,19 +1,21 @@
-"""LoRA adapters on a FLUX transformer: reading the common key formats, loading, scaling, swapping.
+"""LoRA adapters on a FLUX transformer: reading a file in any supported layout, loading,
+scaling, swapping.
 
-Formats: diffusers/peft keys with or without the `transformer.` prefix (the Replicate trainer
-writes these), kohya/sd-scripts (`lora_unet_*`), ComfyUI/BFL `diffusion_model.*` with
-`lora_down/lora_up` or `lora_A/lora_B`, and XLabs (`*.processor.*_lora*`). diffusers converts
-most; BFL files with `lora_A/lora_B` it passes through unconverted, so we rename them to the
-`lora_down/lora_up` form it does convert. LoRAs apply to the transformer only: text-encoder parts
-(kohya `lora_te1_*`) are reported, not applied, because dev and schnell share their text encoders.
+A file is read by our own converter (`flux_lora.lora.convert`): every layout and adapter type it
+knows becomes one exact low-rank update per layer, in diffusers' names, with the file's scales
+folded in. Each update loads as a peft LoRA layer of its own rank at scale 1, so one mechanism
+serves every format and the request's scale is a plain linear weight. Text-encoder parts are
+reported, not applied, because dev and schnell share their text encoders.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,12 +23,13 @@ from typing import Protocol
 import torch
 
 from flux_lora.errors import InputError
-from flux_lora.lora.layouts import Layout, detect
+from flux_lora.lora.biases import BiasPatches
+from flux_lora.lora.convert import Converted, convert
+from flux_lora.lora.names import ModuleNames, linear_layers
+from flux_lora.lora.updates import Update
 
 log = logging.getLogger(__name__)
 
-TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
-PREFIX = "transformer."  # diffusers' prefix for transformer keys in a pipeline's LoRA
 MAX_LORA_TENSORS = 20_000
 GO_FAST_SCALE = 1.5  # the schema's documented multiplier for both LoRA scales under go_fast
 
@@ -49,65 +52,58 @@ class WantedAdapter:
     display: str  # the redacted reference
 
 
-@dataclass(frozen=True)
-class LoraWeights:
-    state_dict: dict[str, torch.Tensor]  # transformer keys, without prefix
-    network_alphas: dict[str, float] | None
-    metadata: dict | None
-    text_encoder_keys: int
-    layout: Layout
+def read_lora(path: str, label: str, display: str, names: ModuleNames) -> Converted:
+    """A LoRA file's updates to the transformer `names` describes; raises InputError for a file
+    that cannot be read, or applied whole."""
+    from safetensors import SafetensorError, safe_open
 
-
-def read_lora(path: str, label: str, display: str) -> LoraWeights:
-    """The transformer part of a LoRA file in any supported format, in diffusers naming."""
-    from diffusers import FluxPipeline
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    where = f"{label}: {display}"
     try:
-        raw = load_file(path)
+        with safe_open(path, framework="pt") as file:
+            keys = list(file.keys())
+            if len(keys) > MAX_LORA_TENSORS:
+                raise InputError(
+                    f"{where} holds {len(keys)} tensors; a FLUX.1 LoRA holds at most a few thousand "
+                    f"(this container reads up to {MAX_LORA_TENSORS}). Is it a LoRA?"
+                )
+            header = file.metadata()
+            tensors = {key: file.get_tensor(key) for key in keys}
     except (SafetensorError, OSError) as err:  # verified when cached, but perhaps by older rules
-        raise InputError(f"{label}: {display} could not be read as safetensors ({_first_line(err)})") from err
-    if len(raw) > MAX_LORA_TENSORS:
-        raise InputError(
-            f"{label}: {display} holds {len(raw)} tensors; a FLUX.1 LoRA holds at most a few thousand "
-            f"(this container reads up to {MAX_LORA_TENSORS}). Is it a LoRA?"
+        raise InputError(f"{where} could not be read as safetensors ({_first_line(err)})") from err
+    converted = convert(tensors, header, names, where)
+    for encoder, count in converted.text_encoders.items():
+        log.info("%s: %d %s tensors not applied (LoRAs apply to the transformer only)", label, count, encoder)
+    if converted.skipped:
+        log.info(
+            "%s: %d layers not applied: this transformer has no %s (FLUX.1 [schnell] takes no guidance)",
+            label,
+            len(converted.skipped),
+            ", ".join(converted.skipped),
         )
-    layout = detect(raw)
-    if not layout.applied:
-        raise InputError(
-            f"{label}: {display} holds {layout.describe()}. This container applies LoRA adapters "
-            "(lora_A/lora_B or lora_down/lora_up pairs) only, and would not apply this one as its "
-            "trainer defines it, so it refuses it rather than load part of it. Use a LoRA version "
-            "of the adapter."
-        )
-    source: str | dict[str, torch.Tensor] = path
-    if any(".lora_A." in key for key in raw) and any(key.startswith("diffusion_model.") for key in raw):
-        source = {_bfl_ab_to_updown(key): value for key, value in raw.items()}
-    try:
-        state_dict, alphas, metadata = FluxPipeline.lora_state_dict(
-            source, return_alphas=True, return_lora_metadata=True
-        )
-    except (AssertionError, KeyError, ValueError, RuntimeError) as err:
-        raise InputError(
-            f"{label}: {display} could not be converted to FLUX.1's layout ({err.__class__.__name__}); "
-            f"it looks like {layout.describe()}; its keys look like {_sample(raw)}. Is it a LoRA "
-            "for FLUX.1 [dev] or [schnell]?"
-        ) from err
-    transformer: dict[str, torch.Tensor] = {}
-    text_encoder_keys = 0
-    for key, value in state_dict.items():
-        if key.startswith(TEXT_ENCODER_PREFIXES):
-            text_encoder_keys += 1
-        else:
-            transformer[key.removeprefix(PREFIX)] = value
-    if alphas:
-        alphas = {
-            k.removeprefix(PREFIX): v for k, v in alphas.items() if not k.startswith(TEXT_ENCODER_PREFIXES)
-        }
-    if transformer:  # none at all: the caller says so, after logging any text-encoder part
-        _check_pairs(transformer, f"{label}: {display}")
-    return LoraWeights(transformer, alphas or None, metadata, text_encoder_keys, layout)
+    if not converted.updates:
+        raise InputError(f"{where} has no weights for the FLUX transformer ({converted.describe()}).")
+    return converted
+
+
+def peft_adapter(updates: dict[str, Update], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+    """The peft LoRA state dict and config for the low-rank part of `updates`: each layer at its
+    own rank and scale 1 (alpha = rank), in the transformer's dtype. Biases are `BiasPatches`'."""
+    state: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for module, update in updates.items():
+        state[f"{module}.lora_A.weight"] = update.down.to(dtype)
+        state[f"{module}.lora_B.weight"] = update.up.to(dtype)
+        ranks[module] = update.rank
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {"^" + re.escape(module): r for module, r in ranks.items() if r != rank}
+    config = {
+        "r": rank,
+        "lora_alpha": rank,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": "(" + "|".join(re.escape(module) for module in ranks) + ")",
+    }
+    return state, config
 
 
 def no_stop() -> None:
@@ -133,6 +129,8 @@ class AdapterSet:
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
+        self.names = ModuleNames(linear_layers(transformer))
+        self.biases = BiasPatches(transformer)
         self.loaded: dict[str, str] = {}  # identity -> adapter name
         self.active: dict[str, float] = {}  # adapter name -> weight, as last set
 
@@ -169,9 +167,10 @@ class AdapterSet:
         wanted_names = set(weights)
         stale = {identity: name for identity, name in self.loaded.items() if name not in wanted_names}
         if stale:
-            self.transformer.delete_adapters(list(stale.values()))
+            self._delete(list(stale.values()))
             for identity in stale:
                 del self.loaded[identity]
+            self.biases.apply(self.active)
         if not self.loaded:
             self.transformer.unload_lora()  # back to the pristine modules
         elapsed = time.perf_counter() - started
@@ -180,97 +179,86 @@ class AdapterSet:
         return elapsed
 
     def _load(self, adapter: WantedAdapter, name: str) -> None:
-        weights = read_lora(adapter.path, adapter.label, adapter.display)
-        if weights.text_encoder_keys:
-            log.info(
-                "%s: %d text-encoder LoRA keys not applied (LoRAs apply to the transformer only)",
-                adapter.label,
-                weights.text_encoder_keys,
-            )
-        if not weights.state_dict:
-            raise InputError(f"{adapter.label}: {adapter.display} has no weights for the FLUX transformer.")
+        converted = read_lora(adapter.path, adapter.label, adapter.display, self.names)
+        low_rank = {module: update for module, update in converted.updates.items() if update.down is not None}
+        biases = {
+            module: update.bias for module, update in converted.updates.items() if update.bias is not None
+        }
+        self.biases.check(list(biases), f"{adapter.label}: {adapter.display}")
+        if low_rank:
+            self._load_low_rank(adapter, name, low_rank)
+        self.biases.add(name, biases)
+        log.info(
+            "%s: %s loaded into %d layers (%s, rank %s%s)",
+            adapter.label,
+            adapter.display,
+            len(converted.updates),
+            " + ".join(sorted(converted.kinds)),
+            _ranks(low_rank),
+            f", {len(biases)} bias updates" if biases else "",
+        )
+
+    def _load_low_rank(self, adapter: WantedAdapter, name: str, updates: dict[str, Update]) -> None:
+        state, config = peft_adapter(updates, self.transformer.dtype)
         try:
             with warnings.catch_warnings():
                 # peft warns whenever a second adapter joins the first: here that is the intent.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-                # With the `transformer.` prefix back on every key: diffusers reads network alphas
-                # only under a prefix (with prefix=None it refuses them).
-                self.transformer.load_lora_adapter(
-                    _prefixed(weights.state_dict),
-                    prefix=PREFIX.rstrip("."),
-                    adapter_name=name,
-                    network_alphas=_prefixed(weights.network_alphas) if weights.network_alphas else None,
-                    metadata=weights.metadata,
-                )
+                self.transformer.load_lora_adapter(state, prefix=None, adapter_name=name, metadata=config)
         except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as err:
             raise InputError(
                 f"{adapter.label}: {adapter.display} does not fit this FLUX transformer "
                 f"({_first_line(err)}). Is it a LoRA for FLUX.1 [dev] or [schnell], not another model?"
             ) from err
         touched = self._modules_with(name)
-        if not touched:
+        if touched != len(updates):  # every layer is named exactly: a miss is our fault
             raise InputError(
-                f"{adapter.label}: no key of {adapter.display} matches a FLUX transformer layer "
-                f"(its keys look like {_sample(weights.state_dict)}). Is it a LoRA for FLUX.1?"
+                f"{adapter.label}: {adapter.display} reached {touched} of the {len(updates)} layers it "
+                "updates; refusing it rather than apply part of it."
             )
-        log.info("%s: %s loaded into %d layers", adapter.label, adapter.display, touched)
 
     def _set_weights(self, weights: dict[str, float]) -> None:
-        if weights:
-            self.transformer.set_adapters(list(weights), weights=list(weights.values()))
+        in_peft = [name for name in weights if name in self._peft_adapters()]
+        if in_peft:
+            self.transformer.set_adapters(in_peft, weights=[weights[name] for name in in_peft])
+        self.biases.apply(weights)
         self.active = dict(weights)
 
+    def _delete(self, names: list[str]) -> None:
+        """Removes these adapters, low-rank parts and bias updates; the biases are rewritten by
+        the next `_set_weights`."""
+        in_peft = [name for name in names if name in self._peft_adapters()]
+        if in_peft:
+            self.transformer.delete_adapters(in_peft)
+        for name in names:
+            self.biases.remove(name)
+
     def _rollback(self, newly_loaded: list[str], loaded: dict[str, str], active: dict[str, float]) -> None:
-        present = [name for name in newly_loaded if self._modules_with(name)]
-        if present:
-            self.transformer.delete_adapters(present)
+        self._delete([name for name in newly_loaded if self._modules_with(name)])
         peft_config = getattr(self.transformer, "peft_config", {})
         for name in newly_loaded:  # a load that failed half-way may have left its config behind
             peft_config.pop(name, None)
+            self.biases.remove(name)
         self.loaded = loaded
-        self.active = {}
-        if loaded:
-            self._set_weights(active)
-        elif getattr(self.transformer, "_hf_peft_config_loaded", False):
+        self._set_weights(active if loaded else {})
+        if not loaded and getattr(self.transformer, "_hf_peft_config_loaded", False):
             self.transformer.unload_lora()
+
+    def _peft_adapters(self) -> dict:
+        return getattr(self.transformer, "peft_config", None) or {}
 
     def _modules_with(self, name: str) -> int:
         return sum(1 for module in self.transformer.modules() if name in getattr(module, "lora_A", {}))
-
-
-def _check_pairs(state_dict: dict[str, torch.Tensor], where: str) -> None:
-    """Each layer's down (lora_A) and up (lora_B) matrices, both present: what peft and the
-    compiled transformer's slots both need."""
-    downs = {k.removesuffix(".lora_A.weight") for k in state_dict if k.endswith(".lora_A.weight")}
-    ups = {k.removesuffix(".lora_B.weight") for k in state_dict if k.endswith(".lora_B.weight")}
-    if not downs and not ups:
-        raise InputError(
-            f"{where} has no LoRA matrices for the FLUX transformer (its keys look like "
-            f"{_sample(state_dict)}). Is it a LoRA for FLUX.1 [dev] or [schnell]?"
-        )
-    unpaired = sorted(downs ^ ups)
-    if unpaired:
-        raise InputError(
-            f"{where} is not a whole LoRA: {len(unpaired)} layer(s) have only one of lora_A and lora_B "
-            f"(e.g. {unpaired[0]}). Download it again, or ask its author for the complete file."
-        )
-
-
-def _prefixed(tensors: dict) -> dict:
-    return {PREFIX + key: value for key, value in tensors.items()}
 
 
 def adapter_name(identity: str) -> str:
     return "lora_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
-def _bfl_ab_to_updown(key: str) -> str:
-    return key.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up.")
-
-
-def _sample(state_dict: dict, count: int = 3) -> str:
-    keys = sorted(state_dict)[:count]
-    return ", ".join(keys) + (", ..." if len(state_dict) > count else "")
+def _ranks(updates: dict[str, Update]) -> str:
+    """The ranks of a file's updates, e.g. "16" or "4-3072"."""
+    ranks = sorted({update.rank for update in updates.values()})
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
 
 
 def _first_line(err: Exception) -> str:

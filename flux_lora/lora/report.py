@@ -1,12 +1,14 @@
 """`python -m flux_lora resolve-lora --file FILE`: what a local LoRA file is, read as a load
-reads it, and which transformer layers it touches, by block range."""
+reads it against the transformer the scripts would serve, and which layers it touches."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from flux_lora.lora.adapters import read_lora
+from flux_lora.lora.names import ModuleNames, linear_layers
 
 
 def describe_file(path: str) -> str:
@@ -15,29 +17,46 @@ def describe_file(path: str) -> str:
     from flux_lora import third_party_logs
 
     third_party_logs.install()  # as setup does: diffusers' import would log them here
-    weights = read_lora(path, "file", Path(path).name)
-    lines = [f"{path}: {weights.layout.describe()}"]
-    if weights.text_encoder_keys:  # counted in the file's own keys by the layout line above
+    served, names = served_transformer()
+    converted = read_lora(path, "file", Path(path).name, names)
+    lines = [f"{path}: {converted.describe()}", f"  checked against {served}"]
+    if converted.text_encoders:
         lines.append("  text encoders: not applied (the transformer part is)")
-    if not weights.state_dict:
-        lines.append("  no transformer layers: a load would fail")
-        return "\n".join(lines)
-    modules: dict[str, set[int]] = {}
-    ranks = set()
-    for key, value in weights.state_dict.items():
-        module, _, kind = key.partition(".lora_")
-        if kind.startswith("A"):
-            ranks.add(value.shape[0])
+    if converted.skipped:
+        lines.append(f"  not applied, this transformer lacks them: {', '.join(converted.skipped)}")
+    modules: dict[tuple[str, str, int], set[int]] = {}
+    for module, update in converted.updates.items():
         pattern = re.sub(r"\.(\d+)\.", ".N.", module, count=1)
         found = re.search(r"\.(\d+)\.", module)
-        modules.setdefault(pattern, set()).add(int(found[1]) if found else -1)
-    layers = sum(len(blocks) for blocks in modules.values())
-    lines.append(f"  {layers} transformer layers, rank {', '.join(map(str, sorted(ranks)))}:")
-    for pattern, blocks in sorted(modules.items()):
+        kinds = " + ".join(sorted(update.kinds))
+        modules.setdefault((pattern, kinds, update.rank), set()).add(int(found[1]) if found else -1)
+    lines.append(f"  {len(converted.updates)} transformer layers:")
+    for (pattern, kinds, rank), blocks in sorted(modules.items()):
         numbered = sorted(block for block in blocks if block >= 0)
         where = f" (N = {_ranges(numbered)})" if numbered else ""
-        lines.append(f"    {pattern}{where}")
+        lines.append(f"    {pattern}{where}: {kinds}, rank {rank}")
     return "\n".join(lines)
+
+
+def served_transformer() -> tuple[str, ModuleNames]:
+    """The layers of the FLUX.1 [dev] transformer the scripts would serve (built from its config,
+    on the meta device: no weights are read), and which it is."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from flux_lora.dev.model_choice import model_dir_for_scripts
+    from flux_lora.models.layout import ModelSource
+
+    config_file = ModelSource(model_dir_for_scripts()).release_dir("dev") / "transformer" / "config.json"
+    with torch.device("meta"):
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            model = FluxTransformer2DModel.from_config(config)
+            served = f"the transformer in {config_file.parent}"
+        else:  # configured weights not fetched yet: FLUX.1 [dev]'s own geometry
+            model = FluxTransformer2DModel(guidance_embeds=True)
+            served = "FLUX.1 [dev]'s transformer (its weights are not here yet)"
+    return served, ModuleNames(linear_layers(model))
 
 
 def _ranges(numbers: list[int]) -> str:

@@ -4,14 +4,19 @@ A compiled graph is specialised to the modules it traced. peft's usual load and 
 remove modules, and every change would recompile (about a minute for a full-size FLUX). So a
 transformer that will be compiled first gets SLOTS: one LoRA adapter per input that can name a
 LoRA (`replicate_weights`, `extra_lora`), of a declared maximum rank, on every linear layer, with
-zero weights (so they add exactly nothing). Activating a LoRA copies its A and B into a slot,
-zero-padded to the slot's rank, with B multiplied by the LoRA's per-layer scale (alpha / rank,
-as peft computes it) times the request's scale; layers it does not touch are zeroed. Modules,
-shapes and dtypes never change, so no compiled guard fails.
+zero weights (so they add exactly nothing). Activating a LoRA copies each layer's update
+(`flux_lora.lora.updates`: the file's scale already folded in) into a slot, zero-padded to the
+slot's rank, with up multiplied by the request's scale; layers it does not touch are zeroed. Bias
+updates are written into the layers' biases (`BiasPatches`). Modules, shapes and dtypes never
+change, so no compiled guard fails.
+
+An update of a higher rank than the slot's (a LoKr, a LoHa of rank 8 x 16, a weight difference)
+is replaced by its best approximation of the slot's rank (truncated SVD, the Eckart-Young optimum
+in the Frobenius norm), and the log says which layers were approximated and by how much.
 
 The cost: the slots run on every step, LoRA or not, 2 x rank x (in + out) multiply-adds per
 token, layer and slot. At rank 64 that is about 3.5% of FLUX.1's arithmetic per slot (from the
-layer shapes; to be measured on a GPU). A LoRA of a higher rank is refused, naming the setting.
+layer shapes; to be measured on a GPU).
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ from collections.abc import Callable
 
 import torch
 
-from flux_lora.errors import ConfigError, InputError
-from flux_lora.lora.adapters import LoraWeights, WantedAdapter, already_in_place, no_stop, read_lora
+from flux_lora.errors import ConfigError
+from flux_lora.lora.adapters import WantedAdapter, already_in_place, no_stop, read_lora
+from flux_lora.lora.biases import BiasPatches
+from flux_lora.lora.names import ModuleNames, linear_layers
+from flux_lora.lora.updates import Update
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,9 @@ class LoraSlots:
     def __init__(self, transformer: torch.nn.Module, max_rank: int):
         self.transformer = transformer
         self.max_rank = max_rank
+        self.names = ModuleNames(linear_layers(transformer))
+        self.biases = BiasPatches(transformer)
+        self.bias_scales: dict[str, float] = {}  # slot -> the scale its bias updates are applied at
         self.layers: dict[str, torch.nn.Module] = {}  # module path -> peft LoRA layer
         self.held: dict[str, tuple[str, float] | None] = dict.fromkeys(SLOTS)  # slot -> (identity, scale)
 
@@ -52,7 +63,10 @@ class LoraSlots:
         )
         for slot in SLOTS:
             config = LoraConfig(
-                r=max_rank, lora_alpha=max_rank, target_modules=linear, init_lora_weights=False
+                r=max_rank,
+                lora_alpha=max_rank,
+                target_modules=linear,
+                init_lora_weights=False,
             )
             with warnings.catch_warnings():
                 # peft warns when a second adapter joins the first: two slots are the intent.
@@ -108,60 +122,55 @@ class LoraSlots:
         log.info("LoRA slots: %d rewritten in %.3f s (no recompilation)", len(changed), elapsed)
         return elapsed
 
-    def _checked(self, adapter: WantedAdapter) -> tuple[LoraWeights, dict[str, float]]:
-        weights = read_lora(adapter.path, adapter.label, adapter.display)
-        if not weights.state_dict:
-            raise InputError(f"{adapter.label}: {adapter.display} has no weights for the FLUX transformer.")
-        where = f"{adapter.label}: {adapter.display}"
-        scales = _layer_scales(weights, where)
-        for path in scales:
-            layer = self.layers.get(path)
-            if layer is None:
-                raise InputError(
-                    f"{where}: the layer {path} is not a linear layer of the FLUX transformer. Is it a LoRA "
-                    "for FLUX.1 [dev] or [schnell], not another model?"
-                )
-            down, up = (
-                weights.state_dict[f"{path}.lora_A.weight"],
-                weights.state_dict[f"{path}.lora_B.weight"],
+    def _checked(self, adapter: WantedAdapter) -> dict[str, Update]:
+        converted = read_lora(adapter.path, adapter.label, adapter.display, self.names)
+        self.biases.check(
+            [m for m, u in converted.updates.items() if u.bias is not None],
+            f"{adapter.label}: {adapter.display}",
+        )
+        updates = {}
+        errors = {}
+        for path, update in converted.updates.items():
+            if update.rank > self.max_rank:  # on the layer's device: seconds a layer on a CPU
+                device = self.layers[path].get_base_layer().weight.device
+                update, errors[path] = best_of_rank(update, self.max_rank, device)
+            updates[path] = update
+        if errors:
+            worst = max(errors, key=errors.get)
+            log.info(
+                "%s: %d of %d layers above rank %d approximated at that rank (%s): relative error of the "
+                "update mean %.3g, max %.3g at %s",
+                adapter.label,
+                len(errors),
+                len(updates),
+                self.max_rank,
+                MAX_RANK_ENV,
+                sum(errors.values()) / len(errors),
+                errors[worst],
+                worst,
             )
-            base = layer.get_base_layer()
-            if (
-                down.shape[1] != base.in_features
-                or up.shape[0] != base.out_features
-                or up.shape[1] != down.shape[0]
-            ):
-                raise InputError(
-                    f"{where}: the shapes at {path} ({tuple(down.shape)}, {tuple(up.shape)}) do not fit the layer "
-                    f"({base.in_features} -> {base.out_features}). Is it a LoRA for FLUX.1 [dev] or [schnell]?"
-                )
-            if down.shape[0] > self.max_rank:
-                raise InputError(
-                    f"{where}: rank {down.shape[0]} is above this container's maximum of {self.max_rank} for "
-                    f"compiled transformers. Use a LoRA of rank {self.max_rank} or less, or raise "
-                    f"{MAX_RANK_ENV} (costs speed on every request)."
-                )
-        return weights, scales
+        return updates
 
-    def _write(self, slot: str, checked: tuple[LoraWeights, dict[str, float]], scale: float) -> None:
-        weights, scales = checked
+    def _write(self, slot: str, updates: dict[str, Update], scale: float) -> None:
         with torch.no_grad():
             for path, layer in self.layers.items():
-                if path not in scales:
-                    self._zero(layer, slot)
+                self._zero(layer, slot)
+                update = updates.get(path)
+                if update is None:
                     continue
-                down = weights.state_dict[f"{path}.lora_A.weight"]
-                up = weights.state_dict[f"{path}.lora_B.weight"] * (scales[path] * scale)
-                rank = down.shape[0]
-                target_a, target_b = layer.lora_A[slot].weight, layer.lora_B[slot].weight
-                target_a.zero_()
-                target_b.zero_()
-                target_a[:rank].copy_(down)
-                target_b[:, :rank].copy_(up)
+                if update.down is not None:
+                    rank = update.rank
+                    layer.lora_A[slot].weight[:rank].copy_(update.down)
+                    layer.lora_B[slot].weight[:, :rank].copy_(update.up * scale)
+        self.biases.add(slot, {path: u.bias for path, u in updates.items() if u.bias is not None})
+        self.bias_scales[slot] = scale
+        self.biases.apply(self.bias_scales)
 
     def _clear(self, slot: str) -> None:
         for layer in self.layers.values():
             self._zero(layer, slot)
+        self.biases.remove(slot)
+        self.biases.apply(self.bias_scales)
         self.held[slot] = None
 
     @staticmethod
@@ -193,27 +202,17 @@ def max_rank_from_env(raw: str | None) -> int:
     return int(raw)
 
 
-def _layer_scales(weights: LoraWeights, where: str) -> dict[str, float]:
-    """Per layer, the factor peft applies to B @ A for this file (alpha / rank, or alpha / sqrt(rank)
-    with rsLoRA), computed from the config diffusers would build for it."""
-    from diffusers.utils.peft_utils import _create_lora_config
-    from peft.utils.other import get_pattern_key
-
-    state_dict = weights.state_dict
-    unsupported = sorted(key for key in state_dict if not key.endswith((".lora_A.weight", ".lora_B.weight")))
-    if unsupported:
-        raise InputError(
-            f"{where}: keys like {', '.join(unsupported[:3])} (LoRA biases, DoRA or other adapter types) "
-            "cannot be applied to a compiled transformer; this container compiles (FLUX_LORA_COMPILE)"
-        )
-    ranks = {f"^{key}": value.shape[1] for key, value in state_dict.items() if key.endswith(".lora_B.weight")}
-    config = _create_lora_config(state_dict, weights.network_alphas, weights.metadata, ranks)
-    scales: dict[str, float] = {}
-    for key in ranks:
-        path = key[1:].removesuffix(".lora_B.weight")
-        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)
-        alpha = config.alpha_pattern.get(
-            get_pattern_key(config.alpha_pattern.keys(), path), config.lora_alpha
-        )
-        scales[path] = float(alpha) / (rank**0.5 if config.use_rslora else rank)
-    return scales
+def best_of_rank(update: Update, rank: int, device: torch.device | None = None) -> tuple[Update, float]:
+    """The closest update of rank `rank` to `update` (truncated SVD of up @ down, computed through
+    QR factors so the dense product is never formed), and its error relative to the update, in
+    the Frobenius norm."""
+    up, down = update.up.to(device).float(), update.down.to(device).float()
+    q_up, r_up = torch.linalg.qr(up)
+    q_down, r_down = torch.linalg.qr(down.T)
+    u, s, vh = torch.linalg.svd(r_up @ r_down.T)
+    energy = s.square()
+    total = float(energy.sum())
+    error = (max(total - float(energy[:rank].sum()), 0.0) / total) ** 0.5 if total > 0 else 0.0
+    new_up = q_up @ (u[:, :rank] * s[:rank])
+    new_down = vh[:rank] @ q_down.T
+    return Update(new_up, new_down, update.bias, update.kinds), error

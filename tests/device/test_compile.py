@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from flux_lora.errors import InputError
 from flux_lora.lora.adapters import AdapterSet, WantedAdapter
 from flux_lora.lora.slots import LoraSlots
 from flux_lora.testing import tiny
-from tests.conftest import NO_SERVICES, becomes_ready, image_data_uri, predict_failed, predict_ok
+from tests.conftest import NO_SERVICES, becomes_ready, image_data_uri, predict_ok
 
 MAX_RANK = 8
 FAST = {"num_inference_steps": 2, "megapixels": "0.25", "seed": 3}
@@ -171,9 +172,8 @@ def test_the_counter_sees_a_recompile(compiled: Compiled):
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("rank 16", r"rank 16 is above this container's maximum of 8 .* FLUX_LORA_MAX_LORA_RANK"),
-        ("sdxl", r"FLUX"),
-        ("half", r"is not a whole LoRA: 1 layer\(s\) have only one of lora_A and lora_B"),
+        ("sdxl", r"no key matches a FLUX transformer layer"),
+        ("half", r"is not a whole LoRA: .* has its up matrix and not its down matrix"),
     ],
 )
 def test_a_lora_that_cannot_fit_changes_nothing(base, compiled: Compiled, loras, kind: str, message: str):
@@ -228,12 +228,17 @@ def test_a_compiled_server_serves_every_mode_and_swap_without_compiling(compiled
         assert becomes_ready(compiled_server)
 
 
-def test_a_compiled_server_refuses_a_rank_over_the_maximum_and_carries_on(compiled_server: CogServer, loras):
+def test_a_compiled_server_approximates_a_rank_over_the_maximum_and_says_so(
+    compiled_server: CogServer, loras
+):
+    """The best rank-8 approximation of each rank-16 layer fills the slot (the arithmetic is
+    checked layer by layer in tests/lora/test_formats.py); nothing recompiles."""
     big = f"data:application/octet-stream;base64,{_b64(loras['rank 16'])}"
-    error = predict_failed(compiled_server, prompt="a cat", replicate_weights=big, **FAST)
-    assert "rank 16 is above this container's maximum of 8" in error
-    assert becomes_ready(compiled_server)
-    predict_ok(compiled_server, prompt="a cat", **FAST)
+    logs = predict_ok(compiled_server, prompt="a cat", replicate_weights=big, **FAST)["logs"]
+    assert re.search(r"replicate_weights: \d+ of \d+ layers above rank 8 approximated at that rank", logs), (
+        logs
+    )
+    assert "compilation(s) during this request" not in logs, logs
 
 
 def _b64(path: str) -> str:

@@ -1,9 +1,8 @@
 """LoRA formats and adapter handling, through the production loading code.
 
-diffusers' kohya and BFL converters hard-code FLUX.1's full sizes, so those formats are checked
-by converting full-size state dicts and matching every converted key against the modules of a
-full-width FLUX transformer built on the meta device (no memory); the rest load into the tiny
-model and change what it draws.
+Layouts are also checked at FLUX.1's full width, against the layers of a full-width transformer
+built on the meta device (no memory): fused layers split at the model's own widths. Every layout
+and adapter type, layer by layer, is in test_formats.py.
 """
 
 from __future__ import annotations
@@ -14,14 +13,18 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from diffusers import FluxTransformer2DModel
 from safetensors.torch import save_file
 
 from flux_lora.errors import InputError
 from flux_lora.lora.adapters import AdapterSet, WantedAdapter, read_lora
+from flux_lora.lora.convert import convert
+from flux_lora.lora.names import ModuleNames, linear_layers
 from flux_lora.models.layout import ModelSource
 from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
 from flux_lora.testing import tiny
+from tests.lora import formats
 
 FULL_WIDTH, MLP_WIDTH, RANK = 3072, 12288, 2
 
@@ -172,7 +175,9 @@ def test_lora_for_another_model_is_an_error_and_changes_nothing(pipelines, adapt
         },
         sdxl,
     )
-    with pytest.raises(InputError, match=r"extra_lora: sdxl.safetensors (does not fit|.*matches)"):
+    with pytest.raises(
+        InputError, match=r"extra_lora: sdxl.safetensors: no key matches a FLUX transformer layer"
+    ):
         adapters.activate([wanted(good), wanted(str(sdxl), label="extra_lora")])
     assert torch.equal(render(pipelines), before)
     assert list(adapters.loaded) == [good]
@@ -188,7 +193,9 @@ def test_wrong_shapes_on_flux_names_are_an_error_and_roll_back(pipelines, adapte
         },
         wrong,
     )
-    with pytest.raises(InputError, match="does not fit this FLUX transformer"):
+    with pytest.raises(
+        InputError, match=r"updates a 3072 x 3072 weight, and transformer_blocks.0.attn.to_q is 32 x 32"
+    ):
         adapters.activate([wanted(str(wrong))])
     assert adapters.loaded == {}
     assert torch.equal(render(pipelines), base)
@@ -205,68 +212,48 @@ def test_a_file_with_no_transformer_keys_is_an_error(adapters, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def full_size_modules() -> dict[str, torch.nn.Linear]:
-    """The linear layers of a full-width FLUX.1 transformer (1 block of each kind), on meta."""
+def full_size_names() -> ModuleNames:
+    """The linear layers of a full-width FLUX.1 [dev] transformer (1 block of each kind), on meta."""
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
-    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return ModuleNames(linear_layers(model))
 
 
-def _bfl_or_kohya(style: str) -> dict[str, torch.Tensor]:
-    layers = {  # BFL module name -> (in, out)
-        "double_blocks.0.img_attn.qkv": (FULL_WIDTH, 3 * FULL_WIDTH),
-        "double_blocks.0.img_attn.proj": (FULL_WIDTH, FULL_WIDTH),
-        "double_blocks.0.txt_attn.qkv": (FULL_WIDTH, 3 * FULL_WIDTH),
-        "double_blocks.0.img_mlp.0": (FULL_WIDTH, MLP_WIDTH),
-        "single_blocks.0.linear1": (FULL_WIDTH, 3 * FULL_WIDTH + MLP_WIDTH),
-        "single_blocks.0.linear2": (FULL_WIDTH + MLP_WIDTH, FULL_WIDTH),
-    }
-    down, up = ("lora_A", "lora_B") if style == "bfl-ab" else ("lora_down", "lora_up")
-    tensors = {}
-    for name, (fan_in, fan_out) in layers.items():
-        key = f"diffusion_model.{name}" if style.startswith("bfl") else "lora_unet_" + name.replace(".", "_")
-        tensors[f"{key}.{down}.weight"] = torch.randn(RANK, fan_in)
-        tensors[f"{key}.{up}.weight"] = torch.randn(fan_out, RANK)
-        if style == "kohya":
-            tensors[f"{key}.alpha"] = torch.tensor(float(RANK))
-    if style == "kohya":  # a CLIP text-encoder part, as sd-scripts writes it
-        tensors["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.randn(
-            RANK, 768
-        )
-        tensors["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.randn(
-            768, RANK
-        )
-        tensors["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha"] = torch.tensor(float(RANK))
-    return tensors
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "kohya",
+        "BFL with biases",
+        "OneTrainer",
+        "OneTrainer OMI",
+        "kohya LoKr",
+        "LoHa",
+        "DiffSynth",
+        "fal",
+        "XLabs",
+    ],
+)
+def test_full_size_files_split_at_full_size_offsets(layout: str, full_size_names: ModuleNames):
+    """Fused layers split at FLUX.1's own widths (3072, 12288), not the tiny model's."""
+    written = formats.write(layout, hidden=FULL_WIDTH, mlp=MLP_WIDTH)
+    converted = convert(written.tensors, written.header, full_size_names, "replicate_weights: file")
+    assert set(converted.updates) == set(written.expected)
+    for module, (weight, bias) in written.expected.items():
+        update = converted.updates[module]
+        if weight is not None:  # a few rows at each end: enough to see any offset
+            for rows in (slice(0, 4), slice(-4, None)):
+                torch.testing.assert_close(update.up[rows] @ update.down, weight[rows], rtol=1e-4, atol=1e-4)
+        if bias is not None:
+            torch.testing.assert_close(update.bias, bias)
 
 
-@pytest.mark.parametrize("style", ["kohya", "bfl-updown", "bfl-ab"])
-def test_full_size_conversion_targets_real_flux_layers(style, full_size_modules, tmp_path):
-    path = tmp_path / f"{style}.safetensors"
-    save_file(_bfl_or_kohya(style), path)
-    weights = read_lora(str(path), "replicate_weights", path.name)
-    assert weights.state_dict, "nothing converted"
-    targets = set()
-    for key, tensor in weights.state_dict.items():
-        module_name, kind = key.rsplit(".lora_", 1)
-        module = full_size_modules[module_name]  # KeyError: converted to a layer FLUX does not have
-        if kind.startswith("A"):
-            assert tensor.shape == (RANK, module.in_features), key
-        else:
-            assert tensor.shape == (module.out_features, RANK), key
-        targets.add(module_name)
-    # qkv splits into to_q/to_k/to_v; the single block's linear1 into q/k/v and proj_mlp.
-    assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_v_proj"} <= targets
-    assert {"single_transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.proj_mlp"} <= targets
-    assert weights.text_encoder_keys == (2 if style == "kohya" else 0)
-
-
-def test_unconvertible_file_names_its_keys(tmp_path):
-    path = tmp_path / "odd.safetensors"
-    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 16)}, path)
+def test_a_file_for_another_model_names_its_keys(tmp_path):
+    path = tmp_path / "sd15.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 16), "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(16, 2)}, path)  # fmt: skip
+    names = AdapterSet(FluxTransformer2DModel(**tiny.TRANSFORMER)).names
     with pytest.raises(
-        InputError, match=r"could not be converted to FLUX.1's layout.*lora_unet_double_blocks_0"
+        InputError, match=r"no key matches a FLUX transformer layer .*lora_unet_down_blocks_0"
     ):
-        read_lora(str(path), "extra_lora", "odd.safetensors")
+        read_lora(str(path), "extra_lora", "sd15.safetensors", names)

@@ -1,0 +1,90 @@
+"""What each adapter type costs as an exact update, and what a compiled transformer's slot (rank
+64 by default) loses when the update's rank is higher: one FLUX.1 layer per type, full size,
+random factors of the shapes trainers write.
+
+    .venv/bin/python bench/lora_ranks.py [--slot-rank 64]
+
+Random factors have flat singular value spectra, so the relative errors printed are near the
+worst a file of that shape can show; trained adapters concentrate their energy in fewer
+directions. Real published files have not been measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from flux_lora.lora.slots import best_of_rank
+from flux_lora.lora.updates import update_of
+
+H, M = 3072, 12288
+
+
+def cases(g: torch.Generator) -> dict[str, tuple[tuple[int, int], dict[str, torch.Tensor]]]:
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.01
+
+    return {
+        "LoRA rank 16 (attention, 3072x3072)": ((H, H), {"down": rand(16, H), "up": rand(H, 16)}),
+        "LoRA rank 128 (attention)": ((H, H), {"down": rand(128, H), "up": rand(H, 128)}),
+        "LoHa rank 8 (attention)": ((H, H), {k: rand(*s) for k, s in _loha(8).items()}),
+        "LoHa rank 16 (attention)": ((H, H), {k: rand(*s) for k, s in _loha(16).items()}),
+        "LoKr whole factors 16x16, 192x192 (SimpleTuner default)": (
+            (H, H),
+            {"lokr_w1": rand(16, 16), "lokr_w2": rand(192, 192), "alpha": torch.tensor(10000.0)},
+        ),
+        "LoKr 48x64 whole, W2 rank 16 (factor -1)": (
+            (H, H),
+            {
+                "lokr_w1": rand(48, 64),
+                "lokr_w2_a": rand(64, 16),
+                "lokr_w2_b": rand(16, 48),
+                "alpha": torch.tensor(16.0),
+            },
+        ),
+        "LoKr whole 8x8, 1536x384 (feed-forward, 12288x3072)": (
+            (M, H),
+            {"lokr_w1": rand(8, 8), "lokr_w2": rand(M // 8, H // 8)},
+        ),
+        "weight difference (attention)": ((H, H), {"diff": rand(H, H)}),
+    }
+
+
+def _loha(rank: int) -> dict[str, tuple[int, int]]:
+    return {"hada_w1_a": (H, rank), "hada_w1_b": (rank, H), "hada_w2_a": (H, rank), "hada_w2_b": (rank, H)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slot-rank", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    g = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; slot rank {args.slot_rank}")
+    print(
+        "| adapter | layer | exact rank | to an update | rank-"
+        + f"{args.slot_rank} relative error | to the slot |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, ((out, inputs), tensors) in cases(g).items():
+        started = time.perf_counter()
+        update = update_of(name, tensors, None, "bench")
+        converted = time.perf_counter() - started
+        assert update.up.shape[0] == out and update.down.shape[1] == inputs, name
+        started = time.perf_counter()
+        if update.rank > args.slot_rank:
+            _, error = best_of_rank(update, args.slot_rank)
+            fitted = f"{time.perf_counter() - started:.2f} s"
+            error_text = f"{error:.3f}"
+        else:
+            fitted, error_text = "copied", "0 (exact)"
+        print(
+            f"| {name} | {out}x{inputs} | {update.rank} | {converted:.2f} s | {error_text} | {fitted} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

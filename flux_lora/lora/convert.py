@@ -1,0 +1,156 @@
+"""A LoRA file, in any layout and of any adapter type we apply, as one update per transformer
+layer in diffusers' names: our own reading, with no diffusers converter in the path.
+
+diffusers 0.42.1's converters drop parts of files without a word (DoRA magnitudes, non-zero bias
+differences, T5 layers, the kohya half of a mixed file, SimpleTuner's `lycoris_` LoRAs) and raise
+on others (OneTrainer files that train more than attention, partial fal files). Here every tensor
+of a file is either applied, counted as a text-encoder part, or the reason the file is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from flux_lora.errors import InputError
+from flux_lora.lora.layouts import Layout, detect
+from flux_lora.lora.names import GUIDANCE, ModuleNames, strip_prefixes, text_encoder_of
+from flux_lora.lora.updates import Update, split_key, update_of
+
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry: the peft config, JSON
+
+
+@dataclass(frozen=True)
+class Converted:
+    updates: dict[str, Update]  # diffusers module path -> its update
+    text_encoders: dict[str, int]  # "CLIP" / "T5" / "embeddings" -> tensors not applied
+    skipped: tuple[str, ...]  # layers this transformer lacks (a dev LoRA's guidance on schnell)
+    layout: Layout
+
+    @property
+    def kinds(self) -> set[str]:
+        return {kind for update in self.updates.values() for kind in update.kinds}
+
+    def describe(self) -> str:
+        te = ", ".join(f"{count} {name} tensors" for name, count in self.text_encoders.items())
+        return self.layout.describe(self.kinds) + (f", and {te}" if te else "")
+
+
+def convert(
+    tensors: dict[str, torch.Tensor], header: dict[str, str] | None, names: ModuleNames, where: str
+) -> Converted:
+    """Every tensor of a file, placed: raises InputError naming what cannot be."""
+    layout = detect(tensors)
+    text_encoders: Counter[str] = Counter()
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for key, tensor in tensors.items():
+        if encoder := text_encoder_of(key):
+            text_encoders[encoder] += 1
+        elif parts := split_key(key):
+            module, role = parts
+            groups.setdefault(module, {})[role] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise InputError(
+            f"{where}: {len(unknown)} tensor(s) are of no adapter type this container knows "
+            f"(e.g. {', '.join(sorted(unknown)[:3])}); it applies LoRA, LyCORIS LoKr and LoHa, and weight "
+            "and bias differences. Is it an adapter for FLUX.1 [dev] or [schnell]?"
+        )
+    scales = _metadata_scales(header)
+    updates: dict[str, Update] = {}
+    sources: dict[str, str] = {}
+    skipped: list[str] = []
+    unmatched: list[str] = []
+    for module, group in groups.items():
+        bare = strip_prefixes(module)
+        targets = names.targets(bare)
+        if targets is None:
+            unmatched.append(module)
+            continue
+        update = update_of(module, group, _scale_for(bare, group, scales), where)
+        for target in targets:
+            if target.module not in names.linears:
+                if target.module.startswith(GUIDANCE):
+                    skipped.append(target.module)
+                    continue
+                unmatched.append(module)
+                break
+            part = update.rows(target.rows, target.swap_halves)
+            _check_shape(part, target.module, names.linears[target.module], module, where)
+            if target.module in updates:
+                raise InputError(
+                    f"{where}: both {sources[target.module]} and {module} update {target.module}; a file "
+                    "that updates a layer twice is ambiguous. Ask its author for a file in one layout."
+                )
+            updates[target.module], sources[target.module] = part, module
+    if unmatched:
+        norms = [m for m in unmatched if "norm" in m and set(groups[m]) <= {"diff", "diff_b"}]
+        if norms:
+            raise InputError(
+                f"{where} patches norm layers ({len(norms)}, e.g. {norms[0]}); this container applies "
+                "updates to FLUX's linear layers only, and refuses the file rather than load part of it."
+            )
+        sample = ", ".join(sorted(unmatched)[:3])
+        if not updates:
+            raise InputError(
+                f"{where}: no key matches a FLUX transformer layer (its modules look like {sample}). "
+                "Is it a LoRA for FLUX.1 [dev] or [schnell]?"
+            )
+        raise InputError(
+            f"{where}: {len(unmatched)} of its {len(groups)} modules match no FLUX transformer layer "
+            f"(e.g. {sample}), so it would load only in part. Is it a LoRA for FLUX.1 [dev] or [schnell]?"
+        )
+    return Converted(updates, dict(text_encoders), tuple(sorted(set(skipped))), layout)
+
+
+def _check_shape(part: Update, target: str, shape: tuple[int, int], module: str, where: str) -> None:
+    out_features, in_features = shape
+    inputs = part.down.shape[1] if part.down is not None else in_features
+    if (part.out_features, inputs) == (out_features, in_features):
+        return
+    if target == "x_embedder" and inputs > in_features:
+        raise InputError(
+            f"{where} widens the image input ({module} takes {inputs} channels, FLUX.1 has "
+            f"{in_features}): it is a control LoRA (Canny, Depth or Fill), which needs a control "
+            "image this container does not take. Use it with FLUX.1's control pipelines instead."
+        )
+    raise InputError(
+        f"{where}: {module} updates a {part.out_features} x {inputs} weight, and {target} is "
+        f"{out_features} x {in_features}. Is it a LoRA for FLUX.1 [dev] or [schnell], not another model?"
+    )
+
+
+def _metadata_scales(header: dict[str, str] | None) -> dict | None:
+    """The peft config diffusers writes into a file's header (`r`, `lora_alpha`, patterns), or
+    None. A pipeline's save prefixes its entries with `transformer.`."""
+    raw = (header or {}).get(METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(config, dict):
+        return None
+    prefixed = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
+    return prefixed or config
+
+
+def _scale_for(module: str, group: dict[str, torch.Tensor], config: dict | None) -> float | None:
+    """A LoRA's scale from the header's peft config, as peft computes it (alpha / rank, or alpha
+    / sqrt(rank) with rsLoRA): only when the module has no `.alpha` of its own."""
+    if config is None or "alpha" in group or "down" not in group:
+        return None
+    from peft.utils.other import get_pattern_key
+
+    rank = group["down"].shape[0]
+    alphas = config.get("alpha_pattern") or {}
+    alpha = alphas.get(get_pattern_key(alphas.keys(), module), config.get("lora_alpha"))
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return None
+    return float(alpha) / (rank**0.5 if config.get("use_rslora") else rank)

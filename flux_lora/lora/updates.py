@@ -1,0 +1,261 @@
+"""Each adapter type's update to one linear layer, as its trainer defines it, in one exact form:
+`delta W = up @ down` (the file's own scale folded into `up`) and an optional bias update.
+
+Every type FLUX adapters are published in has such a form, with no approximation:
+- LoRA (kohya, peft, BFL, ...): up @ down, scaled by alpha / rank when the file gives an alpha.
+- LyCORIS LoHa: (w1a @ w1b) * (w2a @ w2b), elementwise, scaled by alpha / rank. That is exactly a
+  LoRA of rank r1 * r2 whose columns and rows are the pairwise products of the factors' own.
+- LyCORIS LoKr: kron(W1, W2), each factor whole or a product of two. With W1 = U1 @ V1 and
+  W2 = U2 @ V2, kron(W1, W2) = kron(U1, U2) @ kron(V1, V2) (the mixed-product rule), a LoRA of
+  rank rank(W1) * rank(W2). Scale alpha / rank when a factor is decomposed, 1 when both are whole
+  (LyCORIS ignores the stored alpha then).
+- A weight difference (`.diff`): the difference itself, as `up` with an identity `down` (or the
+  reverse, whichever is smaller).
+- A bias difference (`.diff_b`, or `lora_B.bias` as BFL's control LoRAs and peft write it).
+Where the low-rank form would be larger than the dense difference (a full-rank LoKr), the dense
+difference is used: rank min(out, in), still exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flux_lora.errors import InputError
+
+# A tensor's role in its module, by the end of its key; longest first.
+ROLES = (
+    (".lora_A.default.weight", "down"),
+    (".lora_B.default.weight", "up"),
+    (".lora_B.default.bias", "up_bias"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_B.bias", "up_bias"),
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".down.weight", "down"),  # XLabs
+    (".up.weight", "up"),
+    (".lora_magnitude_vector", "dora"),
+    (".dora_scale", "dora"),
+    (".alpha", "alpha"),
+    *(
+        (f".{name}", name)
+        for name in ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_w1", "lokr_w2")
+    ),
+    *((f".{name}", name) for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")),
+    (".lokr_t2", "tucker"),
+    (".hada_t1", "tucker"),
+    (".hada_t2", "tucker"),
+    (".diff_b", "diff_b"),
+    (".diff", "diff"),
+)
+LORA, LOHA, LOKR = "LoRA", "LyCORIS LoHa", "LyCORIS LoKr"
+WEIGHT_DIFF, BIAS_DIFF = "weight difference", "bias difference"
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """`(module, role)` of a tensor's key, or None for a key of no role we know."""
+    for suffix, role in ROLES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+@dataclass(frozen=True)
+class Update:
+    """One layer's update: delta W = up @ down, delta b = bias; any of them may be absent."""
+
+    up: torch.Tensor | None  # out x rank, the file's scale folded in
+    down: torch.Tensor | None  # rank x in
+    bias: torch.Tensor | None  # out
+    kinds: frozenset[str]
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.down is None else self.down.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return (self.up if self.up is not None else self.bias).shape[0]
+
+    def rows(self, rows: slice | None, swap_halves: bool) -> Update:
+        """The update of some rows of this layer (one part of a fused layer), with its two halves
+        exchanged if asked. Rows of up @ down are rows of up; down is shared."""
+
+        def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            if rows is not None:
+                tensor = tensor[rows]
+            if swap_halves:
+                first, second = tensor.chunk(2, dim=0)
+                tensor = torch.cat([second, first], dim=0)
+            return tensor
+
+        return Update(take(self.up), self.down, take(self.bias), self.kinds)
+
+    def plus(self, other: Update) -> Update:
+        """Both updates at once: the low-rank parts side by side (ranks add), biases summed."""
+        up = _cat([self.up, other.up], dim=1)
+        down = _cat([self.down, other.down], dim=0)
+        bias = (
+            self.bias if other.bias is None else other.bias if self.bias is None else self.bias + other.bias
+        )
+        return Update(up, down, bias, self.kinds | other.kinds)
+
+
+def update_of(module: str, tensors: dict[str, torch.Tensor], lora_scale: float | None, where: str) -> Update:
+    """The update one module's tensors define. `lora_scale` is a LoRA's scale from the file's
+    peft metadata, when it has some and no `.alpha` for this module."""
+    roles = set(tensors)
+    if "dora" in roles:
+        raise InputError(
+            f"{where} holds DoRA (a magnitude vector beside the update, at {module}). This container "
+            "does not apply DoRA yet, and would not load it without its magnitude (as diffusers does, "
+            "with only a warning), so it refuses it. Use a LoRA version of the adapter."
+        )
+    if "tucker" in roles:
+        raise InputError(
+            f"{where} holds LyCORIS Tucker factors (lokr_t2 / hada_t1, at {module}), which only "
+            "convolutions have; FLUX's transformer has none. Is it an adapter for FLUX.1?"
+        )
+    alpha = float(tensors["alpha"]) if "alpha" in tensors else None
+    found: list[Update] = []
+    if roles & {"up", "down", "up_bias"}:
+        found.append(_lora(module, tensors, alpha, lora_scale, where))
+    if roles & {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}:
+        found.append(_loha(module, tensors, alpha, where))
+    if roles & {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}:
+        found.append(_lokr(module, tensors, alpha, where))
+    if "diff" in roles:
+        diff = tensors["diff"].float()
+        if diff.ndim != 2:
+            raise InputError(
+                f"{where}: {module}.diff has shape {tuple(diff.shape)}; a linear layer's weight "
+                "difference has two dimensions. Norm-layer patches are not applied."
+            )
+        found.append(_dense(diff, WEIGHT_DIFF))
+    if "diff_b" in roles:
+        found.append(Update(None, None, tensors["diff_b"].float().flatten(), frozenset({BIAS_DIFF})))
+    if not found:
+        raise InputError(
+            f"{where}: {module} has only an alpha, no update. Download it again, or ask its author."
+        )
+    update = found[0]
+    for other in found[1:]:
+        update = update.plus(other)
+    return update
+
+
+def _lora(
+    module: str, t: dict[str, torch.Tensor], alpha: float | None, lora_scale: float | None, where: str
+) -> Update:
+    if ("up" in t) != ("down" in t):
+        have, lacks = ("up", "down") if "up" in t else ("down", "up")
+        raise InputError(
+            f"{where} is not a whole LoRA: {module} has its {have} matrix and not its {lacks} matrix. "
+            "Download it again, or ask its author for the complete file."
+        )
+    scale = lora_scale if lora_scale is not None else 1.0
+    up = down = None
+    if "up" in t:
+        up, down = _matrix(t, "up", module, where), _matrix(t, "down", module, where)
+        _inner(up, down, module, where)
+        if alpha is not None:
+            scale = alpha / down.shape[0]
+        up = up * scale
+    bias = t["up_bias"].float().flatten() * scale if "up_bias" in t else None
+    return Update(up, down, bias, frozenset({LORA}))
+
+
+def _loha(module: str, t: dict[str, torch.Tensor], alpha: float | None, where: str) -> Update:
+    w1a, w1b, w2a, w2b = (
+        _matrix(t, name, module, where) for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    )
+    _inner(w1a, w1b, module, where)
+    _inner(w2a, w2b, module, where)
+    if w1a.shape[0] != w2a.shape[0] or w1b.shape[1] != w2b.shape[1]:
+        raise InputError(f"{where}: the LoHa factors of {module} describe two different layer shapes")
+    scale = alpha / w1b.shape[0] if alpha is not None else 1.0
+    r1, r2 = w1b.shape[0], w2b.shape[0]
+    # (w1a @ w1b) * (w2a @ w2b) = up @ down with up[:, i*r2 + j] = w1a[:, i] * w2a[:, j] and
+    # down[i*r2 + j, :] = w1b[i] * w2b[j].
+    up = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r1 * r2) * scale
+    down = (w1b[:, None, :] * w2b[None, :, :]).reshape(r1 * r2, w1b.shape[1])
+    return _smaller_of(Update(up, down, None, frozenset({LOHA})))
+
+
+def _lokr(module: str, t: dict[str, torch.Tensor], alpha: float | None, where: str) -> Update:
+    factors = []
+    for side in ("w1", "w2"):
+        whole, a, b = f"lokr_{side}", f"lokr_{side}_a", f"lokr_{side}_b"
+        if whole in t and a not in t and b not in t:
+            factors.append((_matrix(t, whole, module, where), None))
+        elif a in t and b in t and whole not in t:
+            left, right = _matrix(t, a, module, where), _matrix(t, b, module, where)
+            _inner(left, right, module, where)
+            factors.append((left, right))
+        else:
+            raise InputError(
+                f"{where} is not a whole LoKr: {module} needs lokr_{side}, or lokr_{side}_a and "
+                f"lokr_{side}_b, and has {sorted(k for k in t if k.startswith('lokr_' + side))}."
+            )
+    (_, v1), (_, v2) = factors
+    # LyCORIS: alpha / rank with the rank of the decomposed factor (W2's first), 1 when neither is.
+    rank = v2.shape[0] if v2 is not None else v1.shape[0] if v1 is not None else None
+    scale = alpha / rank if alpha is not None and rank is not None else 1.0
+    # Each factor as (left, right): a whole one on the side where its identity is smaller.
+    (l1, r1), (l2, r2) = (_as_product(u, v) for u, v in factors)
+    up = torch.kron(l1, l2) * scale
+    down = torch.kron(r1, r2)
+    return _smaller_of(Update(up, down, None, frozenset({LOKR})))
+
+
+def _as_product(left: torch.Tensor, right: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if right is not None:
+        return left, right
+    rows, cols = left.shape
+    if rows <= cols:
+        return torch.eye(rows), left
+    return left, torch.eye(cols)
+
+
+def _smaller_of(update: Update) -> Update:
+    """The low-rank form, or the dense difference where that is smaller."""
+    out, rank, inputs = update.up.shape[0], update.up.shape[1], update.down.shape[1]
+    if rank < min(out, inputs):
+        return update
+    return _dense(update.up @ update.down, *update.kinds)
+
+
+def _dense(delta: torch.Tensor, *kinds: str) -> Update:
+    out, inputs = delta.shape
+    if out >= inputs:
+        return Update(delta, torch.eye(inputs), None, frozenset(kinds))
+    return Update(torch.eye(out), delta, None, frozenset(kinds))
+
+
+def _matrix(t: dict[str, torch.Tensor], role: str, module: str, where: str) -> torch.Tensor:
+    tensor = t[role]
+    if tensor.ndim == 4 and tensor.shape[2:] == (1, 1):  # a 1x1 convolution's weight is a matrix
+        tensor = tensor.flatten(1)
+    if tensor.ndim != 2:
+        raise InputError(
+            f"{where}: {module}'s {role} has shape {tuple(tensor.shape)}; FLUX's layers are linear, and "
+            "take two-dimensional factors. Is it an adapter for FLUX.1?"
+        )
+    return tensor.float()
+
+
+def _inner(left: torch.Tensor, right: torch.Tensor, module: str, where: str) -> None:
+    if left.shape[1] != right.shape[0]:
+        raise InputError(
+            f"{where}: the factors of {module} do not multiply ({tuple(left.shape)} and "
+            f"{tuple(right.shape)}). Download it again, or ask its author for the complete file."
+        )
+
+
+def _cat(tensors: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:
+    present = [t for t in tensors if t is not None]
+    return torch.cat(present, dim=dim) if present else None

@@ -1,0 +1,182 @@
+"""Every adapter layout and type, applied as its definition says: layer by layer through peft's
+adapters (eager) and the compiled path's slots, and picture by picture through the real server.
+
+The expected update of each layer comes from `tests/lora/formats.py`, which computes it by each
+format's definition (LoKr's Kronecker product, LoHa's Hadamard product, BFL's fused rows) without
+the container's converter.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from diffusers import FluxTransformer2DModel
+
+from flux_lora.dev.cog_server import CogServer, bytes_to_data_uri
+from flux_lora.lora.adapters import AdapterSet, WantedAdapter
+from flux_lora.lora.slots import LoraSlots
+from tests.conftest import output_images, predict_ok
+from tests.lora.formats import LAYOUTS, Written, write
+
+SCALE = 0.6
+SLOT_RANK = 8
+FAST = {"num_inference_steps": 1, "megapixels": "0.25", "seed": 7, "prompt": "a cat"}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir: Path) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel.from_pretrained(tiny_model_dir / "FLUX.1-dev" / "transformer")
+
+
+def saved(written: Written, folder: Path, name: str = "adapter") -> str:
+    path = folder / f"{name}.safetensors"
+    safetensors.torch.save_file(written.tensors, path, metadata=written.header)
+    return str(path)
+
+
+def wanted(path: str, scale: float = SCALE, label: str = "replicate_weights") -> WantedAdapter:
+    return WantedAdapter(path, path, scale, label, Path(path).name)
+
+
+def delta(layer: torch.nn.Module, pristine: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What an adapter adds to a layer's output: against the untouched model's layer, since bias
+    updates are written into the layer's own bias."""
+    with torch.no_grad():
+        return layer(x) - pristine(x)
+
+
+def expected_delta(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.zeros(x.shape[0], (weight if weight is not None else bias[:, None]).shape[0])
+    if weight is not None:
+        out += x @ weight.T
+    if bias is not None:
+        out += bias
+    return out
+
+
+def inputs_for(layer: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    features = layer.in_features
+    return torch.randn(4, features, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+def adapted(transformer: torch.nn.Module) -> set[str]:
+    return {name for name, module in transformer.named_modules() if getattr(module, "lora_A", None)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_eager_adapters_apply_each_layouts_definition(base, layout: str, tmp_path: Path):
+    written = write(layout)
+    transformer = copy.deepcopy(base)
+    adapters = AdapterSet(transformer)
+    adapters.activate([wanted(saved(written, tmp_path))])
+    low_rank = {module for module, (weight, _) in written.expected.items() if weight is not None}
+    assert adapted(transformer) == low_rank
+    for module, (weight, bias) in written.expected.items():
+        layer, pristine = transformer.get_submodule(module), base.get_submodule(module)
+        x = inputs_for(pristine)
+        want = SCALE * expected_delta(x, weight, bias)
+        torch.testing.assert_close(delta(layer, pristine, x), want, rtol=1e-4, atol=1e-5)
+    adapters.activate([wanted(saved(written, tmp_path), 0.0)])
+    for module in written.expected:  # scale 0: the base layer's output, bit for bit
+        pristine = base.get_submodule(module)
+        x = inputs_for(pristine)
+        assert torch.equal(transformer.get_submodule(module)(x), pristine(x)), module
+    adapters.activate([])  # none: the model as loaded, every parameter bit for bit
+    assert adapted(transformer) == set()
+    pristine_state = base.state_dict()
+    assert all(torch.equal(value, pristine_state[key]) for key, value in transformer.state_dict().items())
+
+
+@pytest.mark.parametrize("layout", ["SimpleTuner LoKr", "kohya LoKr", "LoHa", "BFL with biases"])
+def test_eager_adapters_in_bfloat16_stay_bfloat16_and_match(base, layout: str, tmp_path: Path):
+    written = write(layout)
+    transformer = copy.deepcopy(base).to(torch.bfloat16)
+    AdapterSet(transformer).activate([wanted(saved(written, tmp_path))])
+    assert {p.dtype for p in transformer.parameters()} == {torch.bfloat16}
+    pristine_model = copy.deepcopy(base).to(torch.bfloat16)
+    for module, (weight, bias) in written.expected.items():
+        layer, pristine = transformer.get_submodule(module), pristine_model.get_submodule(module)
+        x = inputs_for(pristine, torch.bfloat16)
+        want = SCALE * expected_delta(x.float(), weight, bias)
+        torch.testing.assert_close(delta(layer, pristine, x).float(), want, rtol=0.05, atol=0.03)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_slots_hold_each_layout_exactly_or_at_its_best_rank(base, layout: str, tmp_path: Path, caplog):
+    """An update of rank above the slot's is replaced by its best approximation of that rank
+    (computed here by a full SVD of the expected update), and the log says by how much."""
+    written = write(layout)
+    transformer = copy.deepcopy(base)
+    slots = LoraSlots.install(transformer, SLOT_RANK)
+    with caplog.at_level(logging.INFO, logger="flux_lora.lora.slots"):
+        slots.activate([wanted(saved(written, tmp_path))])
+    errors = {}
+    for module, (weight, bias) in written.expected.items():
+        layer, pristine = transformer.get_submodule(module), base.get_submodule(module)
+        if weight is not None:
+            u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+            tail = float(s[SLOT_RANK:].square().sum() / s.square().sum()) ** 0.5
+            if tail > 1e-6:
+                errors[module] = tail
+            weight = ((u[:, :SLOT_RANK] * s[:SLOT_RANK]) @ vh[:SLOT_RANK]).float()
+        x = inputs_for(pristine)
+        want = SCALE * expected_delta(x, weight, bias)
+        torch.testing.assert_close(delta(layer, pristine, x), want, rtol=1e-4, atol=1e-4)
+    for name, module in transformer.named_modules():  # every other layer's slots add nothing
+        if getattr(module, "lora_A", None) and name not in written.expected:
+            assert not module.lora_B["main"].weight.any(), name
+            assert torch.equal(module.get_base_layer().bias, base.get_submodule(name).bias), name
+    line = re.search(r"(\d+) of \d+ layers above rank 8 approximated .* max ([\d.e-]+) at (\S+)", caplog.text)
+    if not errors:
+        assert line is None, caplog.text
+        return
+    assert line is not None, caplog.text
+    worst = max(errors, key=errors.get)
+    assert int(line[1]) >= len(errors)
+    assert float(line[2]) == pytest.approx(errors[worst], rel=1e-2)
+    assert line[3] == worst
+
+
+# --- through the server ------------------------------------------------------------------------
+
+
+def data_uri(written: Written) -> str:
+    return bytes_to_data_uri(safetensors.torch.save(written.tensors, metadata=written.header))
+
+
+@pytest.fixture(scope="module")
+def base_picture(server: CogServer) -> list:
+    return output_images(predict_ok(server, **FAST))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_each_layout_changes_the_picture_through_the_server(server: CogServer, base_picture, layout: str):
+    picture = output_images(predict_ok(server, replicate_weights=data_uri(write(layout)), **FAST))
+    assert picture != base_picture
+
+
+def test_scale_zero_two_layouts_at_once_and_a_swap_back_through_the_server(server: CogServer, base_picture):
+    lokr, kohya = data_uri(write("SimpleTuner LoKr", seed=1)), data_uri(write("kohya", seed=2))
+    assert output_images(predict_ok(server, replicate_weights=lokr, lora_scale=0, **FAST)) == base_picture
+    alone = output_images(predict_ok(server, replicate_weights=lokr, **FAST))
+    both = output_images(predict_ok(server, replicate_weights=lokr, extra_lora=kohya, **FAST))
+    assert len({str(alone), str(both), str(base_picture)}) == 3
+    assert output_images(predict_ok(server, **FAST)) == base_picture
+
+
+def test_go_fast_takes_every_type_on_its_fp8_copy_and_swaps_back(server: CogServer):
+    """The fp8 copy's layers (torchao's) take no LoRA bias in peft; bias updates are written
+    into its biases, and a high-rank LoKr loads as on bf16."""
+    fast = {**FAST, "go_fast": True}
+    base = output_images(predict_ok(server, **fast))
+    for layout in ("BFL with biases", "SimpleTuner LoKr", "weight and bias differences"):
+        body = predict_ok(server, replicate_weights=data_uri(write(layout)), **fast)
+        assert "fp8" in body["logs"], body["logs"]
+        assert output_images(body) != base, layout
+    assert output_images(predict_ok(server, **fast)) == base
