@@ -23,9 +23,9 @@ from typing import Protocol
 import torch
 
 from flux_lora.errors import InputError
-from flux_lora.lora.biases import BiasPatches
 from flux_lora.lora.convert import Converted, convert
-from flux_lora.lora.names import ModuleNames, linear_layers
+from flux_lora.lora.names import ModuleNames
+from flux_lora.lora.patches import ParameterPatches
 from flux_lora.lora.updates import Update
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,11 @@ def read_lora(path: str, label: str, display: str, names: ModuleNames) -> Conver
     except (SafetensorError, OSError) as err:  # verified when cached, but perhaps by older rules
         raise InputError(f"{where} could not be read as safetensors ({_first_line(err)})") from err
     converted = convert(tensors, header, names, where)
-    for encoder, count in converted.text_encoders.items():
-        log.info("%s: %d %s tensors not applied (LoRAs apply to the transformer only)", label, count, encoder)
+    if converted.text_encoders:
+        parts = ", ".join(f"{count} {encoder}" for encoder, count in converted.text_encoders.items())
+        log.info(
+            "%s: text-encoder tensors not applied (LoRAs apply to the transformer only): %s", label, parts
+        )
     if converted.skipped:
         log.info(
             "%s: %d layers not applied: this transformer has no %s (FLUX.1 [schnell] takes no guidance)",
@@ -87,7 +90,7 @@ def read_lora(path: str, label: str, display: str, names: ModuleNames) -> Conver
 
 def peft_adapter(updates: dict[str, Update], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
     """The peft LoRA state dict and config for the low-rank part of `updates`: each layer at its
-    own rank and scale 1 (alpha = rank), in the transformer's dtype. Biases are `BiasPatches`'."""
+    own rank and scale 1 (alpha = rank), in the transformer's dtype. Biases are `ParameterPatches`'."""
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for module, update in updates.items():
@@ -129,8 +132,8 @@ class AdapterSet:
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
-        self.names = ModuleNames(linear_layers(transformer))
-        self.biases = BiasPatches(transformer)
+        self.names = ModuleNames.of(transformer)
+        self.patches = ParameterPatches(transformer)
         self.loaded: dict[str, str] = {}  # identity -> adapter name
         self.active: dict[str, float] = {}  # adapter name -> weight, as last set
 
@@ -170,7 +173,7 @@ class AdapterSet:
             self._delete(list(stale.values()))
             for identity in stale:
                 del self.loaded[identity]
-            self.biases.apply(self.active)
+            self.patches.apply(self.active)
         if not self.loaded:
             self.transformer.unload_lora()  # back to the pristine modules
         elapsed = time.perf_counter() - started
@@ -184,10 +187,10 @@ class AdapterSet:
         biases = {
             module: update.bias for module, update in converted.updates.items() if update.bias is not None
         }
-        self.biases.check(list(biases), f"{adapter.label}: {adapter.display}")
+        self.patches.check_biases(list(biases), f"{adapter.label}: {adapter.display}")
         if low_rank:
             self._load_low_rank(adapter, name, low_rank)
-        self.biases.add(name, biases)
+        self.patches.add(name, biases)
         log.info(
             "%s: %s loaded into %d layers (%s, rank %s%s)",
             adapter.label,
@@ -204,6 +207,8 @@ class AdapterSet:
             with warnings.catch_warnings():
                 # peft warns whenever a second adapter joins the first: here that is the intent.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                # On the fp8 copy: peft says its layers cannot merge; adapters are never merged here.
+                warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
                 self.transformer.load_lora_adapter(state, prefix=None, adapter_name=name, metadata=config)
         except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as err:
             raise InputError(
@@ -221,7 +226,7 @@ class AdapterSet:
         in_peft = [name for name in weights if name in self._peft_adapters()]
         if in_peft:
             self.transformer.set_adapters(in_peft, weights=[weights[name] for name in in_peft])
-        self.biases.apply(weights)
+        self.patches.apply(weights)
         self.active = dict(weights)
 
     def _delete(self, names: list[str]) -> None:
@@ -231,14 +236,14 @@ class AdapterSet:
         if in_peft:
             self.transformer.delete_adapters(in_peft)
         for name in names:
-            self.biases.remove(name)
+            self.patches.remove(name)
 
     def _rollback(self, newly_loaded: list[str], loaded: dict[str, str], active: dict[str, float]) -> None:
         self._delete([name for name in newly_loaded if self._modules_with(name)])
         peft_config = getattr(self.transformer, "peft_config", {})
         for name in newly_loaded:  # a load that failed half-way may have left its config behind
             peft_config.pop(name, None)
-            self.biases.remove(name)
+            self.patches.remove(name)
         self.loaded = loaded
         self._set_weights(active if loaded else {})
         if not loaded and getattr(self.transformer, "_hf_peft_config_loaded", False):

@@ -47,7 +47,8 @@ def convert(
     text_encoders: Counter[str] = Counter()
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
-    for key, tensor in tensors.items():
+    for key in sorted(tensors):  # one order whatever the header's: the same file, the same message
+        tensor = tensors[key]
         if encoder := text_encoder_of(key):
             text_encoders[encoder] += 1
         elif parts := split_key(key):
@@ -58,8 +59,8 @@ def convert(
     if unknown:
         raise InputError(
             f"{where}: {len(unknown)} tensor(s) are of no adapter type this container knows "
-            f"(e.g. {', '.join(sorted(unknown)[:3])}); it applies LoRA, LyCORIS LoKr and LoHa, and weight "
-            "and bias differences. Is it an adapter for FLUX.1 [dev] or [schnell]?"
+            f"(e.g. {', '.join(sorted(unknown)[:3])}); it applies LoRA, LyCORIS LoKr and LoHa, DoRA, and "
+            "weight and bias differences. Is it an adapter for FLUX.1 [dev] or [schnell]?"
         )
     scales = _metadata_scales(header)
     updates: dict[str, Update] = {}
@@ -72,14 +73,23 @@ def convert(
         if targets is None:
             unmatched.append(module)
             continue
-        update = update_of(module, group, _scale_for(bare, group, scales), where)
-        for target in targets:
-            if target.module not in names.linears:
-                if target.module.startswith(GUIDANCE):
-                    skipped.append(target.module)
-                    continue
+        if absent := [t.module for t in targets if t.module not in names.linears]:
+            if all(name.startswith(GUIDANCE) for name in absent):
+                skipped.extend(absent)
+                targets = tuple(t for t in targets if t.module in names.linears)
+            else:
                 unmatched.append(module)
-                break
+                continue
+
+        def fused_weight(targets=targets) -> torch.Tensor:
+            """The file's layer as it was trained: its targets' weights by rows, in its order."""
+            parts = [names.weight(t.module) for t in targets]
+            return torch.cat(
+                [_swapped(w) if t.swap_halves else w for t, w in zip(targets, parts, strict=True)]
+            )
+
+        update = update_of(module, group, _scale_for(bare, group, scales), where, fused_weight)
+        for target in targets:
             part = update.rows(target.rows, target.swap_halves)
             _check_shape(part, target.module, names.linears[target.module], module, where)
             if target.module in updates:
@@ -106,6 +116,11 @@ def convert(
             f"(e.g. {sample}), so it would load only in part. Is it a LoRA for FLUX.1 [dev] or [schnell]?"
         )
     return Converted(updates, dict(text_encoders), tuple(sorted(set(skipped))), layout)
+
+
+def _swapped(weight: torch.Tensor) -> torch.Tensor:
+    first, second = weight.chunk(2)
+    return torch.cat([second, first])
 
 
 def _check_shape(part: Update, target: str, shape: tuple[int, int], module: str, where: str) -> None:

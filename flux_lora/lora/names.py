@@ -84,10 +84,15 @@ def linear_layers(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
 
 
 class ModuleNames:
-    """The layer(s) of one transformer each spelling of a module name means."""
+    """The layer(s) of one transformer each spelling of a module name means, and their weights."""
 
-    def __init__(self, linears: dict[str, tuple[int, int]]):
+    @classmethod
+    def of(cls, transformer: torch.nn.Module) -> ModuleNames:
+        return cls(linear_layers(transformer), transformer)
+
+    def __init__(self, linears: dict[str, tuple[int, int]], transformer: torch.nn.Module | None = None):
         self.linears = linears
+        self.transformer = transformer
         self.table: dict[str, tuple[Target, ...]] = {}
         for name in linears:
             self._add(name, (Target(name),))
@@ -103,6 +108,15 @@ class ModuleNames:
         self._add("img_in.proj", (Target("x_embedder"),))  # OneTrainer's OMI spelling
         for layer in ("linear_1", "linear_2"):  # named even on schnell, to say why they cannot apply
             self._add(GUIDANCE + layer, (Target(GUIDANCE + layer),))
+
+    def weight(self, module: str) -> torch.Tensor:
+        """A layer's base weight in float32 (an fp8 weight dequantized): what DoRA normalises."""
+        layer = self.transformer.get_submodule(module)
+        weight = (layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight
+        data = weight.data
+        if type(data) is not torch.Tensor and hasattr(data, "dequantize"):  # torchao's fp8 tensor
+            data = data.dequantize()
+        return data.detach().float()
 
     def targets(self, module: str) -> tuple[Target, ...] | None:
         """The targets of a file's module name (prefix already stripped), or None if it names no

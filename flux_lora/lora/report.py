@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from flux_lora.lora.adapters import read_lora
-from flux_lora.lora.names import ModuleNames, linear_layers
+from flux_lora.lora.names import ModuleNames
 
 
 def describe_file(path: str) -> str:
@@ -56,7 +56,7 @@ def served_transformer() -> tuple[str, ModuleNames]:
         else:  # configured weights not fetched yet: FLUX.1 [dev]'s own geometry
             model = FluxTransformer2DModel(guidance_embeds=True)
             served = "FLUX.1 [dev]'s transformer (its weights are not here yet)"
-    return served, ModuleNames(linear_layers(model))
+    return served, ModuleNames.of(model)
 
 
 def _ranges(numbers: list[int]) -> str:

@@ -7,12 +7,14 @@ LoRA (`replicate_weights`, `extra_lora`), of a declared maximum rank, on every l
 zero weights (so they add exactly nothing). Activating a LoRA copies each layer's update
 (`flux_lora.lora.updates`: the file's scale already folded in) into a slot, zero-padded to the
 slot's rank, with up multiplied by the request's scale; layers it does not touch are zeroed. Bias
-updates are written into the layers' biases (`BiasPatches`). Modules, shapes and dtypes never
-change, so no compiled guard fails.
+updates are written into the layers' biases (`ParameterPatches`). Modules, shapes and dtypes
+never change, so no compiled guard fails.
 
-An update of a higher rank than the slot's (a LoKr, a LoHa of rank 8 x 16, a weight difference)
-is replaced by its best approximation of the slot's rank (truncated SVD, the Eckart-Young optimum
-in the Frobenius norm), and the log says which layers were approximated and by how much.
+An update of a higher rank than the slot's (a LoKr, a LoHa of rank 8 x 16, DoRA, a weight
+difference) is written into the layer's weight instead, exactly, the original kept for the next
+swap (`ParameterPatches`). The fp8 copy's weights cannot take that without quantizing again at
+every swap, so there it is replaced by its best approximation of the slot's rank (truncated SVD,
+the Eckart-Young optimum in the Frobenius norm), and the log says which layers and by how much.
 
 The cost: the slots run on every step, LoRA or not, 2 x rank x (in + out) multiply-adds per
 token, layer and slot. At rank 64 that is about 3.5% of FLUX.1's arithmetic per slot (from the
@@ -30,8 +32,8 @@ import torch
 
 from flux_lora.errors import ConfigError
 from flux_lora.lora.adapters import WantedAdapter, already_in_place, no_stop, read_lora
-from flux_lora.lora.biases import BiasPatches
-from flux_lora.lora.names import ModuleNames, linear_layers
+from flux_lora.lora.names import ModuleNames
+from flux_lora.lora.patches import ParameterPatches
 from flux_lora.lora.updates import Update
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,9 @@ class LoraSlots:
     def __init__(self, transformer: torch.nn.Module, max_rank: int):
         self.transformer = transformer
         self.max_rank = max_rank
-        self.names = ModuleNames(linear_layers(transformer))
-        self.biases = BiasPatches(transformer)
-        self.bias_scales: dict[str, float] = {}  # slot -> the scale its bias updates are applied at
+        self.names = ModuleNames.of(transformer)
+        self.patches = ParameterPatches(transformer)
+        self.patch_scales: dict[str, float] = {}  # slot -> the scale its parameter updates are applied at
         self.layers: dict[str, torch.nn.Module] = {}  # module path -> peft LoRA layer
         self.held: dict[str, tuple[str, float] | None] = dict.fromkeys(SLOTS)  # slot -> (identity, scale)
 
@@ -71,6 +73,8 @@ class LoraSlots:
             with warnings.catch_warnings():
                 # peft warns when a second adapter joins the first: two slots are the intent.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                # On the fp8 copy: peft says its layers cannot merge; slots are never merged.
+                warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
                 # Empty (meta) adapter weights: peft's own random initialisation, on the CPU in
                 # float32, took 9.7 s a full-size transformer; the slots start as zeros anyway.
                 inject_adapter_in_model(config, transformer, adapter_name=slot, low_cpu_mem_usage=True)
@@ -123,23 +127,33 @@ class LoraSlots:
         return elapsed
 
     def _checked(self, adapter: WantedAdapter) -> dict[str, Update]:
+        """The updates to write: in a slot, or (`merged`) into the weight."""
         converted = read_lora(adapter.path, adapter.label, adapter.display, self.names)
-        self.biases.check(
-            [m for m, u in converted.updates.items() if u.bias is not None],
-            f"{adapter.label}: {adapter.display}",
-        )
+        where = f"{adapter.label}: {adapter.display}"
+        self.patches.check_biases([m for m, u in converted.updates.items() if u.bias is not None], where)
         updates = {}
         errors = {}
         for path, update in converted.updates.items():
-            if update.rank > self.max_rank:  # on the layer's device: seconds a layer on a CPU
+            if update.rank > self.max_rank and not self.patches.mergeable(path):
+                # On the layer's device: the SVD of a full-rank layer takes seconds on a CPU.
                 device = self.layers[path].get_base_layer().weight.device
                 update, errors[path] = best_of_rank(update, self.max_rank, device)
             updates[path] = update
+        merged = sum(1 for update in updates.values() if update.rank > self.max_rank)
+        if merged:
+            log.info(
+                "%s: %d of %d layers above rank %d (%s) written into the weights, exactly",
+                adapter.label,
+                merged,
+                len(updates),
+                self.max_rank,
+                MAX_RANK_ENV,
+            )
         if errors:
             worst = max(errors, key=errors.get)
             log.info(
-                "%s: %d of %d layers above rank %d approximated at that rank (%s): relative error of the "
-                "update mean %.3g, max %.3g at %s",
+                "%s: %d of %d layers above rank %d approximated at that rank (%s; fp8 weights cannot "
+                "take the update): relative error of the update mean %.3g, max %.3g at %s",
                 adapter.label,
                 len(errors),
                 len(updates),
@@ -152,25 +166,26 @@ class LoraSlots:
         return updates
 
     def _write(self, slot: str, updates: dict[str, Update], scale: float) -> None:
+        merged = {path: update for path, update in updates.items() if update.rank > self.max_rank}
         with torch.no_grad():
             for path, layer in self.layers.items():
                 self._zero(layer, slot)
                 update = updates.get(path)
-                if update is None:
+                if update is None or update.down is None or path in merged:
                     continue
-                if update.down is not None:
-                    rank = update.rank
-                    layer.lora_A[slot].weight[:rank].copy_(update.down)
-                    layer.lora_B[slot].weight[:, :rank].copy_(update.up * scale)
-        self.biases.add(slot, {path: u.bias for path, u in updates.items() if u.bias is not None})
-        self.bias_scales[slot] = scale
-        self.biases.apply(self.bias_scales)
+                rank = update.rank
+                layer.lora_A[slot].weight[:rank].copy_(update.down)
+                layer.lora_B[slot].weight[:, :rank].copy_(update.up * scale)
+        biases = {path: u.bias for path, u in updates.items() if u.bias is not None}
+        self.patches.add(slot, biases, merged)
+        self.patch_scales[slot] = scale
+        self.patches.apply(self.patch_scales)
 
     def _clear(self, slot: str) -> None:
         for layer in self.layers.values():
             self._zero(layer, slot)
-        self.biases.remove(slot)
-        self.biases.apply(self.bias_scales)
+        self.patches.remove(slot)
+        self.patches.apply(self.patch_scales)
         self.held[slot] = None
 
     @staticmethod

@@ -12,12 +12,17 @@ Every type FLUX adapters are published in has such a form, with no approximation
 - A weight difference (`.diff`): the difference itself, as `up` with an identity `down` (or the
   reverse, whichever is smaller).
 - A bias difference (`.diff_b`, or `lora_B.bias` as BFL's control LoRAs and peft write it).
+- DoRA (a magnitude `m` beside any of the above): the layer becomes V = W + delta W with each row
+  (or column) rescaled to norm m. Strength is ComfyUI's linear one, W(s) = W + s (W_dora - W), so
+  scale 0 is the base exactly: the update is the dense W_dora - W, computed from the layer's own
+  weight. (peft puts the scale inside the norm: not linear, and scale 0 is not the base.)
 Where the low-rank form would be larger than the dense difference (a full-rank LoKr), the dense
 difference is used: rank min(out, in), still exact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +56,7 @@ ROLES = (
     (".diff", "diff"),
 )
 LORA, LOHA, LOKR = "LoRA", "LyCORIS LoHa", "LyCORIS LoKr"
-WEIGHT_DIFF, BIAS_DIFF = "weight difference", "bias difference"
+WEIGHT_DIFF, BIAS_DIFF, DORA = "weight difference", "bias difference", "DoRA"
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -105,16 +110,17 @@ class Update:
         return Update(up, down, bias, self.kinds | other.kinds)
 
 
-def update_of(module: str, tensors: dict[str, torch.Tensor], lora_scale: float | None, where: str) -> Update:
+def update_of(
+    module: str,
+    tensors: dict[str, torch.Tensor],
+    lora_scale: float | None,
+    where: str,
+    base_weight: Callable[[], torch.Tensor] | None = None,
+) -> Update:
     """The update one module's tensors define. `lora_scale` is a LoRA's scale from the file's
-    peft metadata, when it has some and no `.alpha` for this module."""
+    peft metadata, when it has some and no `.alpha` for this module. `base_weight` gives the
+    layer's weight (float32), which only DoRA needs."""
     roles = set(tensors)
-    if "dora" in roles:
-        raise InputError(
-            f"{where} holds DoRA (a magnitude vector beside the update, at {module}). This container "
-            "does not apply DoRA yet, and would not load it without its magnitude (as diffusers does, "
-            "with only a warning), so it refuses it. Use a LoRA version of the adapter."
-        )
     if "tucker" in roles:
         raise InputError(
             f"{where} holds LyCORIS Tucker factors (lokr_t2 / hada_t1, at {module}), which only "
@@ -145,7 +151,44 @@ def update_of(module: str, tensors: dict[str, torch.Tensor], lora_scale: float |
     update = found[0]
     for other in found[1:]:
         update = update.plus(other)
+    if "dora" in roles:
+        if update.down is None or base_weight is None:
+            raise InputError(
+                f"{where}: {module} has a DoRA magnitude and no update to the weight to normalise."
+            )
+        update = _dora(update, tensors["dora"].float(), base_weight(), module, where)
     return update
+
+
+def _dora(update: Update, magnitude: torch.Tensor, weight: torch.Tensor, module: str, where: str) -> Update:
+    """W_dora - W for V = W + up @ down: rows of V rescaled to norms `magnitude` when it has one
+    value per output ((out,) as peft writes it, (out, 1) as LyCORIS), columns when per input
+    ((1, in), older LyCORIS and OneTrainer). Norms in float32, LyCORIS's epsilon added."""
+    out_features, in_features = weight.shape
+    if (update.up.shape[0], update.down.shape[1]) != (out_features, in_features):
+        raise InputError(
+            f"{where}: {module} updates a {update.up.shape[0]} x {update.down.shape[1]} weight, and the layer "
+            f"is {out_features} x {in_features}. Is it a LoRA for FLUX.1 [dev] or [schnell], not another model?"
+        )
+    eps = torch.finfo(torch.float32).eps
+    adapted = weight + update.up.to(weight.device) @ update.down.to(weight.device)
+    if magnitude.numel() == out_features and (magnitude.ndim == 1 or magnitude.shape[-1] == 1):
+        rows = magnitude.reshape(out_features, 1).to(weight.device) / (
+            adapted.norm(dim=1, keepdim=True) + eps
+        )
+        dora = rows * adapted
+    elif magnitude.numel() == in_features:
+        columns = magnitude.reshape(1, in_features).to(weight.device) / (
+            adapted.norm(dim=0, keepdim=True) + eps
+        )
+        dora = adapted * columns
+    else:
+        raise InputError(
+            f"{where}: {module}'s DoRA magnitude has shape {tuple(magnitude.shape)}, neither one value per "
+            f"output ({out_features}) nor per input ({in_features}) of a {out_features} x {in_features} layer."
+        )
+    dense = _dense(dora - weight, *update.kinds, DORA)
+    return Update(dense.up, dense.down, update.bias, dense.kinds)
 
 
 def _lora(

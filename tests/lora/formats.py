@@ -9,6 +9,7 @@ Sizes are the tiny FLUX's (hidden width H, MLP width M), or any other's given.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,10 +26,11 @@ class Written:
 
 
 class Writer:
-    def __init__(self, hidden: int, mlp: int, seed: int):
+    def __init__(self, hidden: int, mlp: int, seed: int, base: Callable[[str], torch.Tensor] | None):
         self.h, self.m = hidden, mlp
         self.g = torch.Generator().manual_seed(seed)
         self.file = Written()
+        self.base = base  # a layer's weight: DoRA's update depends on it
 
     # -- tensors ---------------------------------------------------------------------------------
     def rand(self, *shape: int) -> torch.Tensor:
@@ -93,6 +95,20 @@ class Writer:
         rank = rank2 or rank1
         scale = alpha / rank if alpha is not None and rank else 1.0
         return scale * torch.kron(factors[0], factors[1])
+
+    def dora(
+        self, key: str, parts: list[str], delta: torch.Tensor, per: str, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """A DoRA magnitude for the layer `parts` make up (stacked by rows) under `key`; returns
+        the update at strength 1 as ComfyUI defines it: W_dora - W, with V = W + delta rescaled to
+        norms m by rows ("rows") or columns ("columns")."""
+        weight = torch.cat([self.base(part) for part in parts])
+        adapted = weight + delta
+        dim = 1 if per == "rows" else 0
+        norms = adapted.norm(dim=dim, keepdim=True)
+        magnitude = norms * (1 + 0.2 * torch.rand(norms.shape, generator=self.g))
+        self.file.tensors[key] = magnitude.reshape(shape)
+        return magnitude / (norms + torch.finfo(torch.float32).eps) * adapted - weight
 
     # -- where updates land -----------------------------------------------------------------------
     def expect(self, module: str, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
@@ -297,6 +313,28 @@ def xlabs(w: Writer) -> None:
     w.expect(f"{D}.attn.to_add_out", w.lora("double_blocks.0.processor.proj_lora2", h, h, 2, roles=roles))
 
 
+def dora_peft(w: Writer) -> None:
+    """peft's DoRA: `lora_magnitude_vector`, one norm per output row."""
+    module, roles = f"transformer.{D}.attn.to_q", ("lora_A.weight", "lora_B.weight")
+    delta = w.lora(module, w.h, w.h, 2, roles=roles)
+    w.expect(IMAGE_QKV[0], w.dora(f"{module}.lora_magnitude_vector", IMAGE_QKV[:1], delta, "rows", (w.h,)))
+
+
+def dora_lycoris(w: Writer) -> None:
+    """LyCORIS's DoRA on a fused BFL layer: `dora_scale` (out, 1), norms over the fused rows."""
+    module = "lora_unet_double_blocks_0_txt_attn_qkv"
+    delta = w.lora(module, 3 * w.h, w.h, 2, alpha=1.0)
+    w.expect_rows(TEXT_QKV, w.dora(f"{module}.dora_scale", TEXT_QKV, delta, "rows", (3 * w.h, 1)))
+
+
+def dora_onetrainer(w: Writer) -> None:
+    """OneTrainer's DoRA: `dora_scale` (1, in), one norm per input column."""
+    module = f"lora_transformer_{S.replace('.', '_')}_proj_out"
+    delta = w.lora(module, w.h, w.h + w.m, 2, alpha=1.0)
+    parts = [f"{S}.proj_out"]
+    w.expect(parts[0], w.dora(f"{module}.dora_scale", parts, delta, "columns", (1, w.h + w.m)))
+
+
 LAYOUTS = {
     "kohya": kohya,
     "BFL with biases": bfl_biases,
@@ -314,10 +352,20 @@ LAYOUTS = {
     "weight and bias differences": differences,
     "peft metadata": peft_metadata,
     "XLabs": xlabs,
+    "DoRA (peft)": dora_peft,
+    "DoRA (LyCORIS, fused)": dora_lycoris,
+    "DoRA (OneTrainer)": dora_onetrainer,
 }
 
 
-def write(layout: str, hidden: int = 32, mlp: int = 128, seed: int = 0) -> Written:
-    writer = Writer(hidden, mlp, seed)
+def write(
+    layout: str,
+    hidden: int = 32,
+    mlp: int = 128,
+    seed: int = 0,
+    base: Callable[[str], torch.Tensor] | None = None,
+) -> Written:
+    """`base` gives a layer's weight (float32), which DoRA files need."""
+    writer = Writer(hidden, mlp, seed, base)
     LAYOUTS[layout](writer)
     return writer.file

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from flux_lora.errors import InputError
 from flux_lora.lora.adapters import AdapterSet, WantedAdapter, read_lora
 from flux_lora.lora.convert import convert
-from flux_lora.lora.names import ModuleNames, linear_layers
+from flux_lora.lora.names import ModuleNames
 from flux_lora.models.layout import ModelSource
 from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
@@ -218,7 +218,7 @@ def full_size_names() -> ModuleNames:
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
-    return ModuleNames(linear_layers(model))
+    return ModuleNames.of(model)
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,11 @@ from diffusers import FluxTransformer2DModel
 
 from flux_lora.dev.cog_server import CogServer, bytes_to_data_uri
 from flux_lora.lora.adapters import AdapterSet, WantedAdapter
+from flux_lora.lora.names import ModuleNames
 from flux_lora.lora.slots import LoraSlots
 from tests.conftest import output_images, predict_ok
-from tests.lora.formats import LAYOUTS, Written, write
+from tests.lora.formats import LAYOUTS, Written
+from tests.lora.formats import write as write_layout
 
 SCALE = 0.6
 SLOT_RANK = 8
@@ -32,6 +34,18 @@ FAST = {"num_inference_steps": 1, "megapixels": "0.25", "seed": 7, "prompt": "a 
 @pytest.fixture(scope="module")
 def base(tiny_model_dir: Path) -> FluxTransformer2DModel:
     return FluxTransformer2DModel.from_pretrained(tiny_model_dir / "FLUX.1-dev" / "transformer")
+
+
+@pytest.fixture(scope="module")
+def write(base: FluxTransformer2DModel):
+    """A layout's file for the tiny model, whose weights DoRA's expected updates depend on."""
+
+    def written(layout: str, seed: int = 0) -> Written:
+        return write_layout(
+            layout, seed=seed, base=lambda module: base.get_submodule(module).weight.detach().float()
+        )
+
+    return written
 
 
 def saved(written: Written, folder: Path, name: str = "adapter") -> str:
@@ -70,7 +84,7 @@ def adapted(transformer: torch.nn.Module) -> set[str]:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_eager_adapters_apply_each_layouts_definition(base, layout: str, tmp_path: Path):
+def test_eager_adapters_apply_each_layouts_definition(base, write, layout: str, tmp_path: Path):
     written = write(layout)
     transformer = copy.deepcopy(base)
     adapters = AdapterSet(transformer)
@@ -93,8 +107,10 @@ def test_eager_adapters_apply_each_layouts_definition(base, layout: str, tmp_pat
     assert all(torch.equal(value, pristine_state[key]) for key, value in transformer.state_dict().items())
 
 
-@pytest.mark.parametrize("layout", ["SimpleTuner LoKr", "kohya LoKr", "LoHa", "BFL with biases"])
-def test_eager_adapters_in_bfloat16_stay_bfloat16_and_match(base, layout: str, tmp_path: Path):
+@pytest.mark.parametrize(
+    "layout", ["SimpleTuner LoKr", "kohya LoKr", "LoHa", "BFL with biases", "DoRA (OneTrainer)"]
+)
+def test_eager_adapters_in_bfloat16_stay_bfloat16_and_match(base, write, layout: str, tmp_path: Path):
     written = write(layout)
     transformer = copy.deepcopy(base).to(torch.bfloat16)
     AdapterSet(transformer).activate([wanted(saved(written, tmp_path))])
@@ -108,35 +124,67 @@ def test_eager_adapters_in_bfloat16_stay_bfloat16_and_match(base, layout: str, t
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_slots_hold_each_layout_exactly_or_at_its_best_rank(base, layout: str, tmp_path: Path, caplog):
-    """An update of rank above the slot's is replaced by its best approximation of that rank
-    (computed here by a full SVD of the expected update), and the log says by how much."""
+def test_slots_and_merged_weights_apply_each_layout_exactly(base, write, layout: str, tmp_path: Path, caplog):
+    """Updates up to the slot's rank go into the slot; higher ranks into the weight itself, the
+    original kept: exact either way, and clearing the slot gives back every parameter."""
     written = write(layout)
     transformer = copy.deepcopy(base)
     slots = LoraSlots.install(transformer, SLOT_RANK)
     with caplog.at_level(logging.INFO, logger="flux_lora.lora.slots"):
         slots.activate([wanted(saved(written, tmp_path))])
-    errors = {}
+    above = [
+        m for m, (weight, _) in written.expected.items() if weight is not None and _rank(weight) > SLOT_RANK
+    ]
     for module, (weight, bias) in written.expected.items():
         layer, pristine = transformer.get_submodule(module), base.get_submodule(module)
-        if weight is not None:
-            u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-            tail = float(s[SLOT_RANK:].square().sum() / s.square().sum()) ** 0.5
-            if tail > 1e-6:
-                errors[module] = tail
-            weight = ((u[:, :SLOT_RANK] * s[:SLOT_RANK]) @ vh[:SLOT_RANK]).float()
         x = inputs_for(pristine)
         want = SCALE * expected_delta(x, weight, bias)
         torch.testing.assert_close(delta(layer, pristine, x), want, rtol=1e-4, atol=1e-4)
-    for name, module in transformer.named_modules():  # every other layer's slots add nothing
-        if getattr(module, "lora_A", None) and name not in written.expected:
-            assert not module.lora_B["main"].weight.any(), name
-            assert torch.equal(module.get_base_layer().bias, base.get_submodule(name).bias), name
+    merged = re.search(
+        r"(\d+) of \d+ layers above rank 8 \(FLUX_LORA_MAX_LORA_RANK\) written into the weights", caplog.text
+    )
+    assert (int(merged[1]) if merged else 0) >= len(above), caplog.text
+    assert "approximated" not in caplog.text
+    slots.activate([])
+    pristine_state = base.state_dict()
+    for key, value in transformer.state_dict().items():
+        if ".lora_" not in key:
+            assert torch.equal(value, pristine_state[key.replace(".base_layer.", ".")]), key
+
+
+def _rank(weight: torch.Tensor) -> int:
+    return int(torch.linalg.matrix_rank(weight, rtol=1e-5))  # float32 noise is not rank
+
+
+@pytest.mark.parametrize("layout", ["SimpleTuner LoKr", "LoHa", "DoRA (OneTrainer)"])
+def test_on_fp8_weights_slots_take_the_best_approximation_and_say_so(
+    base, write, layout: str, tmp_path, caplog
+):
+    """An fp8 weight cannot take an update without quantizing again, so an update above the
+    slot's rank becomes its best approximation of that rank (here: a full SVD of the expected
+    update), and the log gives the largest relative error and where."""
+    from flux_lora.device import quant
+
+    fp8, pristine_fp8 = (quant.fp8_copy(base, torch.device("cpu"), text_tokens=512).module for _ in range(2))
+    dequantized = ModuleNames.of(pristine_fp8).weight  # DoRA normalises the weight it is applied to
+    written = write_layout(layout, base=dequantized)
+    slots = LoraSlots.install(fp8, SLOT_RANK)
+    with caplog.at_level(logging.INFO, logger="flux_lora.lora.slots"):
+        slots.activate([wanted(saved(written, tmp_path))])
+    errors = {}
+    for module, (weight, bias) in written.expected.items():
+        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        tail = float(s[SLOT_RANK:].square().sum() / s.square().sum()) ** 0.5
+        if tail > 1e-4:
+            errors[module] = tail
+        best = ((u[:, :SLOT_RANK] * s[:SLOT_RANK]) @ vh[:SLOT_RANK]).float()
+        layer, pristine = fp8.get_submodule(module), pristine_fp8.get_submodule(module)
+        x = inputs_for(pristine)
+        torch.testing.assert_close(
+            delta(layer, pristine, x), SCALE * expected_delta(x, best, bias), rtol=1e-3, atol=1e-3
+        )
     line = re.search(r"(\d+) of \d+ layers above rank 8 approximated .* max ([\d.e-]+) at (\S+)", caplog.text)
-    if not errors:
-        assert line is None, caplog.text
-        return
-    assert line is not None, caplog.text
+    assert errors and line is not None, caplog.text
     worst = max(errors, key=errors.get)
     assert int(line[1]) >= len(errors)
     assert float(line[2]) == pytest.approx(errors[worst], rel=1e-2)
@@ -156,12 +204,19 @@ def base_picture(server: CogServer) -> list:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_each_layout_changes_the_picture_through_the_server(server: CogServer, base_picture, layout: str):
-    picture = output_images(predict_ok(server, replicate_weights=data_uri(write(layout)), **FAST))
-    assert picture != base_picture
+def test_each_layout_changes_the_picture_through_the_server(
+    server: CogServer, write, base_picture, layout: str
+):
+    written = write(layout)
+    body = predict_ok(server, replicate_weights=data_uri(written), **FAST)
+    assert output_images(body) != base_picture
+    said = "text-encoder tensors not applied (LoRAs apply to the transformer only)"
+    assert (said in body["logs"]) == bool(written.text_encoder_tensors), body["logs"]
 
 
-def test_scale_zero_two_layouts_at_once_and_a_swap_back_through_the_server(server: CogServer, base_picture):
+def test_scale_zero_two_layouts_at_once_and_a_swap_back_through_the_server(
+    server: CogServer, write, base_picture
+):
     lokr, kohya = data_uri(write("SimpleTuner LoKr", seed=1)), data_uri(write("kohya", seed=2))
     assert output_images(predict_ok(server, replicate_weights=lokr, lora_scale=0, **FAST)) == base_picture
     alone = output_images(predict_ok(server, replicate_weights=lokr, **FAST))
@@ -170,13 +225,18 @@ def test_scale_zero_two_layouts_at_once_and_a_swap_back_through_the_server(serve
     assert output_images(predict_ok(server, **FAST)) == base_picture
 
 
-def test_go_fast_takes_every_type_on_its_fp8_copy_and_swaps_back(server: CogServer):
+def test_go_fast_takes_every_type_on_its_fp8_copy_and_swaps_back(server: CogServer, write):
     """The fp8 copy's layers (torchao's) take no LoRA bias in peft; bias updates are written
     into its biases, and a high-rank LoKr loads as on bf16."""
     fast = {**FAST, "go_fast": True}
     base = output_images(predict_ok(server, **fast))
-    for layout in ("BFL with biases", "SimpleTuner LoKr", "weight and bias differences"):
+    for layout in (
+        "BFL with biases",
+        "SimpleTuner LoKr",
+        "weight and bias differences",
+        "DoRA (LyCORIS, fused)",
+    ):
         body = predict_ok(server, replicate_weights=data_uri(write(layout)), **fast)
-        assert "fp8" in body["logs"], body["logs"]
+        assert "fp8" in body["logs"] and "Warning" not in body["logs"], body["logs"]
         assert output_images(body) != base, layout
     assert output_images(predict_ok(server, **fast)) == base

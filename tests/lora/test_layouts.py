@@ -25,15 +25,10 @@ def tensors(*names: str, shape: tuple[int, ...] = (4, 32)) -> dict[str, torch.Te
 
 Q = "transformer.transformer_blocks.0.attn.to_q"
 REFUSED = {  # what a file holds -> (its tensors, what the error must say)
-    "DoRA (peft)": (
+    "a DoRA magnitude of no layer's shape": (
         tensors(f"{Q}.lora_A.weight", f"{Q}.lora_magnitude_vector")
         | tensors(f"{Q}.lora_B.weight", shape=(32, 4)),
-        "holds DoRA (a magnitude vector beside the update",
-    ),
-    "DoRA (LyCORIS)": (
-        tensors(f"{BLOCK}.lora_down.weight", f"{BLOCK}.dora_scale")
-        | tensors(f"{BLOCK}.lora_up.weight", shape=(96, 4)),
-        "holds DoRA",
+        "DoRA magnitude has shape (4, 32), neither one value per output (32) nor per input (32)",
     ),
     "Tucker factors": (tensors(f"{BLOCK}.lokr_w1", f"{BLOCK}.lokr_w2", f"{BLOCK}.lokr_t2"), "Tucker factors"),
     "a norm patch": (
@@ -80,8 +75,8 @@ def test_detect_names_the_layout(keys, layout):
 
 @pytest.mark.parametrize("refused", list(REFUSED))
 def test_a_file_not_applied_whole_is_refused_and_changes_nothing(server: CogServer, refused: str):
-    """diffusers would load a DoRA file without its magnitude (a warning in its log only); each
-    of these is refused naming what it is, and the next request draws exactly the base picture."""
+    """Each of these is refused naming what it is, and the next request draws exactly the base
+    picture."""
     base = output_images(predict_ok(server, prompt="a cat", **FAST))
     file, message = REFUSED[refused]
     error = predict_failed(
@@ -101,7 +96,7 @@ def test_resolve_lora_reports_a_local_files_layout_and_layers(capsys):
 
 
 def test_resolve_lora_refuses_a_file_the_server_would_refuse(tmp_path: Path, capsys):
-    path = tmp_path / "dora.safetensors"
-    path.write_bytes(make_safetensors(REFUSED["DoRA (LyCORIS)"][0]))
+    path = tmp_path / "tucker.safetensors"
+    path.write_bytes(make_safetensors(REFUSED["Tucker factors"][0]))
     assert main(["resolve-lora", "--file", str(path)]) == 2
-    assert "file: dora.safetensors holds DoRA" in capsys.readouterr().err
+    assert "file: tucker.safetensors holds LyCORIS Tucker factors" in capsys.readouterr().err
