@@ -4,8 +4,10 @@ scaling, swapping.
 A file is read by our own converter (`flux_lora.lora.convert`): every layout and adapter type it
 knows becomes one exact low-rank update per layer, in diffusers' names, with the file's scales
 folded in. Each update loads as a peft LoRA layer of its own rank at scale 1, so one mechanism
-serves every format and the request's scale is a plain linear weight. Text-encoder parts are
-reported, not applied, because dev and schnell share their text encoders.
+serves every format and the request's scale is a plain linear weight; bias updates, and dense
+updates on plain (not fp8) weights, are written into the parameters with the originals kept
+(`flux_lora.lora.patches`). Text-encoder parts are reported, not applied, because dev and
+schnell share their text encoders.
 """
 
 from __future__ import annotations
@@ -183,22 +185,35 @@ class AdapterSet:
 
     def _load(self, adapter: WantedAdapter, name: str) -> None:
         converted = read_lora(adapter.path, adapter.label, adapter.display, self.names)
-        low_rank = {module: update for module, update in converted.updates.items() if update.down is not None}
+        # A dense update (a full-rank LoKr, DoRA, a .diff) goes into a plain weight: as a LoRA it
+        # would cost two full-size products in every forward. fp8 weights cannot take it.
+        merged = {
+            module: update
+            for module, update in converted.updates.items()
+            if update.dense_is_smaller and self.patches.mergeable(module)
+        }
+        low_rank = {
+            module: update
+            for module, update in converted.updates.items()
+            if update.down is not None and module not in merged
+        }
         biases = {
             module: update.bias for module, update in converted.updates.items() if update.bias is not None
         }
         self.patches.check_biases(list(biases), f"{adapter.label}: {adapter.display}")
         if low_rank:
             self._load_low_rank(adapter, name, low_rank)
-        self.patches.add(name, biases)
+        self.patches.add(name, biases, merged)
+        details = [" + ".join(sorted(converted.kinds))]
+        details += [f"rank {_ranks(low_rank)}"] if low_rank else []
+        details += [f"{len(merged)} dense updates written into the weights"] if merged else []
+        details += [f"{len(biases)} bias updates"] if biases else []
         log.info(
-            "%s: %s loaded into %d layers (%s, rank %s%s)",
+            "%s: %s loaded into %d layers (%s)",
             adapter.label,
             adapter.display,
             len(converted.updates),
-            " + ".join(sorted(converted.kinds)),
-            _ranks(low_rank),
-            f", {len(biases)} bias updates" if biases else "",
+            ", ".join(details),
         )
 
     def _load_low_rank(self, adapter: WantedAdapter, name: str, updates: dict[str, Update]) -> None:

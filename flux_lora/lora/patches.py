@@ -1,6 +1,7 @@
 """Updates written into the layers' own parameters, with the originals kept so that removing them
-restores every parameter bit for bit: bias updates always, and on a compiled transformer the
-weight updates its LoRA slots are too small for.
+restores every parameter bit for bit: bias updates always; weight updates whose dense form is
+smaller than their factors (eager: no second matrix product in every forward); and on a compiled
+transformer, the weight updates its LoRA slots are too small for.
 
 peft can carry a bias on lora_B, but not on the fp8 copy's layers (its torchao LoRA layer refuses
 `lora_bias`), and a compiled graph must not change. A bias is a plain vector beside any weight,
@@ -84,9 +85,9 @@ class ParameterPatches:
         """A weight update as kept until removed: its factors, or where they are larger than the
         weight (a full-rank LoKr, DoRA, a `.diff`), the dense update in the weight's own dtype and
         device (no more memory than the original it is kept beside)."""
-        weight = self._layer(module).weight
-        if update.up.numel() + update.down.numel() <= weight.numel():
+        if not update.dense_is_smaller:
             return update
+        weight = self._layer(module).weight
         return _dense(update, weight.device).to(weight.dtype)
 
     def _parameter(self, key: tuple[str, str]) -> torch.Tensor:

@@ -81,6 +81,14 @@ class Update:
         return 0 if self.down is None else self.down.shape[0]
 
     @property
+    def dense_is_smaller(self) -> bool:
+        """Whether the dense update (out x in) takes less memory, and a matrix product less work,
+        than its factors: a full-rank LoKr, DoRA, a `.diff`."""
+        if self.down is None:
+            return False
+        return self.up.numel() + self.down.numel() > self.up.shape[0] * self.down.shape[1]
+
+    @property
     def out_features(self) -> int:
         return (self.up if self.up is not None else self.bias).shape[0]
 

@@ -89,8 +89,8 @@ def test_eager_adapters_apply_each_layouts_definition(base, write, layout: str, 
     transformer = copy.deepcopy(base)
     adapters = AdapterSet(transformer)
     adapters.activate([wanted(saved(written, tmp_path))])
-    low_rank = {module for module, (weight, _) in written.expected.items() if weight is not None}
-    assert adapted(transformer) == low_rank
+    updated = {module for module, (weight, _) in written.expected.items() if weight is not None}
+    assert adapted(transformer) <= updated  # the others' dense updates went into the weights
     for module, (weight, bias) in written.expected.items():
         layer, pristine = transformer.get_submodule(module), base.get_submodule(module)
         x = inputs_for(pristine)
@@ -105,6 +105,21 @@ def test_eager_adapters_apply_each_layouts_definition(base, write, layout: str, 
     assert adapted(transformer) == set()
     pristine_state = base.state_dict()
     assert all(torch.equal(value, pristine_state[key]) for key, value in transformer.state_dict().items())
+
+
+def test_dense_updates_go_into_plain_weights_and_come_back_bit_for_bit(base, write, tmp_path: Path, caplog):
+    """A full-rank LoKr as a LoRA would cost two full-size products every forward: it is written
+    into the weights instead (fp8 weights excepted), and taken out exactly."""
+    transformer = copy.deepcopy(base)
+    adapters = AdapterSet(transformer)
+    with caplog.at_level(logging.INFO, logger="flux_lora.lora.adapters"):
+        adapters.activate([wanted(saved(write("SimpleTuner LoKr"), tmp_path))])
+    assert "(LyCORIS LoKr, 2 dense updates written into the weights)" in caplog.text
+    assert adapted(transformer) == set()
+    to_q = "transformer_blocks.0.attn.to_q.weight"
+    assert not torch.equal(transformer.state_dict()[to_q], base.state_dict()[to_q])
+    adapters.activate([])
+    assert torch.equal(transformer.state_dict()[to_q], base.state_dict()[to_q])
 
 
 @pytest.mark.parametrize(
