@@ -2,7 +2,11 @@
 64 by default) loses when the update's rank is higher: one FLUX.1 layer per type, full size,
 random factors of the shapes trainers write.
 
-    .venv/bin/python bench/lora_ranks.py [--slot-rank 64]
+    .venv/bin/python bench/lora_ranks.py [--slot-rank 64] [--whole-file]
+
+`--whole-file` also converts a whole SimpleTuner-default LoKr file (whole factors, 16 on
+attention, 8 on feed-forward: 342 layers) for a full-size FLUX.1 served in bf16, and reports the
+time and the process's peak memory.
 
 Random factors have flat singular value spectra, so the relative errors printed are near the
 worst a file of that shape can show; trained adapters concentrate their energy in fewer
@@ -12,6 +16,7 @@ directions. Real published files have not been measured here.
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import torch
@@ -56,9 +61,65 @@ def _loha(rank: int) -> dict[str, tuple[int, int]]:
     return {"hada_w1_a": (H, rank), "hada_w1_b": (rank, H), "hada_w2_a": (H, rank), "hada_w2_b": (rank, H)}
 
 
+def simpletuner_lokr(g: torch.Generator) -> dict[str, torch.Tensor]:
+    """SimpleTuner's default LyCORIS LoKr: every Attention and FeedForward layer, whole factors."""
+    tensors = {}
+    attention = [
+        f"transformer_blocks_{b}_attn_{m}"
+        for b in range(19)
+        for m in ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    ]
+    attention += [f"single_transformer_blocks_{b}_attn_to_{m}" for b in range(38) for m in "qkv"]
+    for name in attention:
+        tensors[f"lycoris_{name}.lokr_w1"] = torch.randn(16, 16, generator=g, dtype=torch.float32).bfloat16()
+        tensors[f"lycoris_{name}.lokr_w2"] = torch.randn(192, 192, generator=g).bfloat16()
+    for block in range(19):
+        for ff in ("ff", "ff_context"):
+            tensors[f"lycoris_transformer_blocks_{block}_{ff}_net_0_proj.lokr_w1"] = torch.randn(
+                8, 8, generator=g
+            ).bfloat16()
+            tensors[f"lycoris_transformer_blocks_{block}_{ff}_net_0_proj.lokr_w2"] = torch.randn(
+                M // 8, H // 8, generator=g
+            ).bfloat16()
+            tensors[f"lycoris_transformer_blocks_{block}_{ff}_net_2.lokr_w1"] = torch.randn(
+                8, 8, generator=g
+            ).bfloat16()
+            tensors[f"lycoris_transformer_blocks_{block}_{ff}_net_2.lokr_w2"] = torch.randn(
+                H // 8, M // 8, generator=g
+            ).bfloat16()
+    return tensors
+
+
+def whole_file(g: torch.Generator) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    from flux_lora.lora.convert import convert
+    from flux_lora.lora.names import ModuleNames
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(guidance_embeds=True)
+    names = ModuleNames.of(model)
+    names.dtype = torch.bfloat16  # as served on a GPU
+    tensors = simpletuner_lokr(g)
+    file_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    started = time.perf_counter()
+    converted = convert(tensors, None, names, "bench")
+    elapsed = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    held = sum(u.dense.numel() * u.dense.element_size() for u in converted.updates.values()) / 1024**3
+    print(
+        f"SimpleTuner-default LoKr, {len(converted.updates)} layers, {file_bytes / 1024**2:.0f} MiB in bf16: "
+        f"converted in {elapsed:.1f} s to {held:.2f} GiB of dense bf16 updates; peak memory "
+        f"{peak:.2f} GiB (was {before:.2f} GiB before)",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slot-rank", type=int, default=64)
+    parser.add_argument("--whole-file", action="store_true")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     g = torch.Generator().manual_seed(0)
@@ -72,7 +133,7 @@ def main() -> None:
         started = time.perf_counter()
         update = update_of(name, tensors, None, "bench")
         converted = time.perf_counter() - started
-        assert update.up.shape[0] == out and update.down.shape[1] == inputs, name
+        assert (update.out_features, update.in_features) == (out, inputs), name
         started = time.perf_counter()
         if update.rank > args.slot_rank:
             _, error = best_of_rank(update, args.slot_rank)
@@ -84,6 +145,8 @@ def main() -> None:
             f"| {name} | {out}x{inputs} | {update.rank} | {converted:.2f} s | {error_text} | {fitted} |",
             flush=True,
         )
+    if args.whole_file:
+        whole_file(g)
 
 
 if __name__ == "__main__":

@@ -96,8 +96,9 @@ def peft_adapter(updates: dict[str, Update], dtype: torch.dtype) -> tuple[dict[s
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for module, update in updates.items():
-        state[f"{module}.lora_A.weight"] = update.down.to(dtype)
-        state[f"{module}.lora_B.weight"] = update.up.to(dtype)
+        up, down = update.factors()
+        state[f"{module}.lora_A.weight"] = down.to(dtype)
+        state[f"{module}.lora_B.weight"] = up.to(dtype)
         ranks[module] = update.rank
     rank = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {"^" + re.escape(module): r for module, r in ranks.items() if r != rank}
@@ -195,7 +196,7 @@ class AdapterSet:
         low_rank = {
             module: update
             for module, update in converted.updates.items()
-            if update.down is not None and module not in merged
+            if update.has_weight and module not in merged
         }
         biases = {
             module: update.bias for module, update in converted.updates.items() if update.bias is not None

@@ -90,7 +90,7 @@ def convert(
 
         update = update_of(module, group, _scale_for(bare, group, scales), where, fused_weight)
         for target in targets:
-            part = update.rows(target.rows, target.swap_halves)
+            part = update.rows(target.rows, target.swap_halves).to(names.dtype)
             _check_shape(part, target.module, names.linears[target.module], module, where)
             if target.module in updates:
                 raise InputError(
@@ -125,7 +125,7 @@ def _swapped(weight: torch.Tensor) -> torch.Tensor:
 
 def _check_shape(part: Update, target: str, shape: tuple[int, int], module: str, where: str) -> None:
     out_features, in_features = shape
-    inputs = part.down.shape[1] if part.down is not None else in_features
+    inputs = part.in_features or in_features
     if (part.out_features, inputs) == (out_features, in_features):
         return
     if target == "x_embedder" and inputs > in_features:

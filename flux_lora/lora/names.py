@@ -93,6 +93,10 @@ class ModuleNames:
     def __init__(self, linears: dict[str, tuple[int, int]], transformer: torch.nn.Module | None = None):
         self.linears = linears
         self.transformer = transformer
+        # Updates are kept in the serving dtype: a full-rank LoKr file is gigabytes in float32.
+        self.dtype = (
+            getattr(transformer, "dtype", torch.float32) if transformer is not None else torch.float32
+        )
         self.table: dict[str, tuple[Target, ...]] = {}
         for name in linears:
             self._add(name, (Target(name),))

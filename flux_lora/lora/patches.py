@@ -101,5 +101,5 @@ class ParameterPatches:
 
 def _dense(update: torch.Tensor | Update, device: torch.device) -> torch.Tensor:
     if isinstance(update, Update):
-        return update.up.to(device).float() @ update.down.to(device).float()
+        return update.product(device)
     return update.to(device).float()

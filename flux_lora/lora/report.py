@@ -24,17 +24,24 @@ def describe_file(path: str) -> str:
         lines.append("  text encoders: not applied (the transformer part is)")
     if converted.skipped:
         lines.append(f"  not applied, this transformer lacks them: {', '.join(converted.skipped)}")
-    modules: dict[tuple[str, str, int], set[int]] = {}
+    modules: dict[tuple[str, str, str], set[int]] = {}
     for module, update in converted.updates.items():
         pattern = re.sub(r"\.(\d+)\.", ".N.", module, count=1)
         found = re.search(r"\.(\d+)\.", module)
         kinds = " + ".join(sorted(update.kinds))
-        modules.setdefault((pattern, kinds, update.rank), set()).add(int(found[1]) if found else -1)
+        form = (
+            "dense"
+            if update.dense is not None
+            else f"rank {update.rank}"
+            if update.has_weight
+            else "bias only"
+        )
+        modules.setdefault((pattern, kinds, form), set()).add(int(found[1]) if found else -1)
     lines.append(f"  {len(converted.updates)} transformer layers:")
-    for (pattern, kinds, rank), blocks in sorted(modules.items()):
+    for (pattern, kinds, form), blocks in sorted(modules.items()):
         numbered = sorted(block for block in blocks if block >= 0)
         where = f" (N = {_ranges(numbered)})" if numbered else ""
-        lines.append(f"    {pattern}{where}: {kinds}, rank {rank}")
+        lines.append(f"    {pattern}{where}: {kinds}, {form}")
     return "\n".join(lines)
 
 

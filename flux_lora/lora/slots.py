@@ -171,11 +171,12 @@ class LoraSlots:
             for path, layer in self.layers.items():
                 self._zero(layer, slot)
                 update = updates.get(path)
-                if update is None or update.down is None or path in merged:
+                if update is None or not update.has_weight or path in merged:
                     continue
-                rank = update.rank
-                layer.lora_A[slot].weight[:rank].copy_(update.down)
-                layer.lora_B[slot].weight[:, :rank].copy_(update.up * scale)
+                up, down = update.factors()
+                rank = down.shape[0]
+                layer.lora_A[slot].weight[:rank].copy_(down)
+                layer.lora_B[slot].weight[:, :rank].copy_(up * scale)
         biases = {path: u.bias for path, u in updates.items() if u.bias is not None}
         self.patches.add(slot, biases, merged)
         self.patch_scales[slot] = scale
@@ -218,16 +219,17 @@ def max_rank_from_env(raw: str | None) -> int:
 
 
 def best_of_rank(update: Update, rank: int, device: torch.device | None = None) -> tuple[Update, float]:
-    """The closest update of rank `rank` to `update` (truncated SVD of up @ down, computed through
-    QR factors so the dense product is never formed), and its error relative to the update, in
-    the Frobenius norm."""
-    up, down = update.up.to(device).float(), update.down.to(device).float()
-    q_up, r_up = torch.linalg.qr(up)
-    q_down, r_down = torch.linalg.qr(down.T)
-    u, s, vh = torch.linalg.svd(r_up @ r_down.T)
+    """The closest update of rank `rank` to `update` (truncated SVD; of low-rank factors through
+    their QR factors, so the dense product is never formed), and its error relative to the
+    update, in the Frobenius norm."""
+    if update.dense is not None:
+        u, s, vh = torch.linalg.svd(update.product(device), full_matrices=False)
+    else:
+        q_up, r_up = torch.linalg.qr(update.up.to(device).float())
+        q_down, r_down = torch.linalg.qr(update.down.to(device).float().T)
+        u, s, vh = torch.linalg.svd(r_up @ r_down.T)
+        u, vh = q_up @ u, vh @ q_down.T
     energy = s.square()
     total = float(energy.sum())
     error = (max(total - float(energy[:rank].sum()), 0.0) / total) ** 0.5 if total > 0 else 0.0
-    new_up = q_up @ (u[:, :rank] * s[:rank])
-    new_down = vh[:rank] @ q_down.T
-    return Update(new_up, new_down, update.bias, update.kinds), error
+    return Update(u[:, :rank] * s[:rank], vh[:rank], update.bias, update.kinds), error

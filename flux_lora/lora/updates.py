@@ -69,28 +69,61 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 @dataclass(frozen=True)
 class Update:
-    """One layer's update: delta W = up @ down, delta b = bias; any of them may be absent."""
+    """One layer's update: delta W = up @ down (low rank) or `dense` (where that is smaller), and
+    delta b = bias; any of them may be absent."""
 
     up: torch.Tensor | None  # out x rank, the file's scale folded in
     down: torch.Tensor | None  # rank x in
     bias: torch.Tensor | None  # out
     kinds: frozenset[str]
+    dense: torch.Tensor | None = None  # out x in, in place of up and down
+
+    @property
+    def has_weight(self) -> bool:
+        return self.dense is not None or self.down is not None
 
     @property
     def rank(self) -> int:
+        """The rank of the weight update's form (a dense one: min(out, in)); 0 for none."""
+        if self.dense is not None:
+            return min(self.dense.shape)
         return 0 if self.down is None else self.down.shape[0]
 
     @property
     def dense_is_smaller(self) -> bool:
         """Whether the dense update (out x in) takes less memory, and a matrix product less work,
-        than its factors: a full-rank LoKr, DoRA, a `.diff`."""
-        if self.down is None:
-            return False
-        return self.up.numel() + self.down.numel() > self.up.shape[0] * self.down.shape[1]
+        than factors would: a full-rank LoKr, DoRA, a `.diff`."""
+        return self.dense is not None
 
     @property
     def out_features(self) -> int:
-        return (self.up if self.up is not None else self.bias).shape[0]
+        return next(t for t in (self.dense, self.up, self.bias) if t is not None).shape[0]
+
+    @property
+    def in_features(self) -> int | None:
+        weight = self.dense if self.dense is not None else self.down
+        return None if weight is None else weight.shape[1]
+
+    def product(self, device: torch.device | None = None) -> torch.Tensor:
+        """delta W, dense, in float32."""
+        if self.dense is not None:
+            return self.dense.to(device).float()
+        return self.up.to(device).float() @ self.down.to(device).float()
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down), a dense update as itself times an identity (for peft layers and slots)."""
+        if self.dense is None:
+            return self.up, self.down
+        out_features, in_features = self.dense.shape
+        if out_features >= in_features:
+            return self.dense, torch.eye(in_features, dtype=self.dense.dtype)
+        return torch.eye(out_features, dtype=self.dense.dtype), self.dense
+
+    def to(self, dtype: torch.dtype) -> Update:
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        return Update(cast(self.up), cast(self.down), cast(self.bias), self.kinds, cast(self.dense))
 
     def rows(self, rows: slice | None, swap_halves: bool) -> Update:
         """The update of some rows of this layer (one part of a fused layer), with its two halves
@@ -106,16 +139,25 @@ class Update:
                 tensor = torch.cat([second, first], dim=0)
             return tensor
 
-        return Update(take(self.up), self.down, take(self.bias), self.kinds)
+        return Update(take(self.up), self.down, take(self.bias), self.kinds, take(self.dense))
 
     def plus(self, other: Update) -> Update:
-        """Both updates at once: the low-rank parts side by side (ranks add), biases summed."""
-        up = _cat([self.up, other.up], dim=1)
-        down = _cat([self.down, other.down], dim=0)
+        """Both updates at once: low-rank parts side by side (ranks add), or the dense sum where
+        either is dense; biases summed."""
         bias = (
             self.bias if other.bias is None else other.bias if self.bias is None else self.bias + other.bias
         )
-        return Update(up, down, bias, self.kinds | other.kinds)
+        kinds = self.kinds | other.kinds
+        if self.dense is not None or other.dense is not None:
+            weights = [u.product() for u in (self, other) if u.has_weight]
+            return Update(None, None, bias, kinds, sum(weights[1:], weights[0]))
+        up = _cat([self.up, other.up], dim=1)
+        down = _cat([self.down, other.down], dim=0)
+        return (
+            _smaller_of(Update(up, down, bias, kinds))
+            if down is not None
+            else Update(None, None, bias, kinds)
+        )
 
 
 def update_of(
@@ -160,7 +202,7 @@ def update_of(
     for other in found[1:]:
         update = update.plus(other)
     if "dora" in roles:
-        if update.down is None or base_weight is None:
+        if not update.has_weight or base_weight is None:
             raise InputError(
                 f"{where}: {module} has a DoRA magnitude and no update to the weight to normalise."
             )
@@ -173,13 +215,13 @@ def _dora(update: Update, magnitude: torch.Tensor, weight: torch.Tensor, module:
     value per output ((out,) as peft writes it, (out, 1) as LyCORIS), columns when per input
     ((1, in), older LyCORIS and OneTrainer). Norms in float32, LyCORIS's epsilon added."""
     out_features, in_features = weight.shape
-    if (update.up.shape[0], update.down.shape[1]) != (out_features, in_features):
+    if (update.out_features, update.in_features) != (out_features, in_features):
         raise InputError(
-            f"{where}: {module} updates a {update.up.shape[0]} x {update.down.shape[1]} weight, and the layer "
-            f"is {out_features} x {in_features}. Is it a LoRA for FLUX.1 [dev] or [schnell], not another model?"
+            f"{where}: {module} updates a {update.out_features} x {update.in_features} weight, and the "
+            f"layer is {out_features} x {in_features}. Is it a LoRA for FLUX.1 [dev] or [schnell], not another model?"
         )
     eps = torch.finfo(torch.float32).eps
-    adapted = weight + update.up.to(weight.device) @ update.down.to(weight.device)
+    adapted = weight + update.product(weight.device)
     if magnitude.numel() == out_features and (magnitude.ndim == 1 or magnitude.shape[-1] == 1):
         rows = magnitude.reshape(out_features, 1).to(weight.device) / (
             adapted.norm(dim=1, keepdim=True) + eps
@@ -195,8 +237,7 @@ def _dora(update: Update, magnitude: torch.Tensor, weight: torch.Tensor, module:
             f"{where}: {module}'s DoRA magnitude has shape {tuple(magnitude.shape)}, neither one value per "
             f"output ({out_features}) nor per input ({in_features}) of a {out_features} x {in_features} layer."
         )
-    dense = _dense(dora - weight, *update.kinds, DORA)
-    return Update(dense.up, dense.down, update.bias, dense.kinds)
+    return Update(None, None, update.bias, update.kinds | {DORA}, dora - weight)
 
 
 def _lora(
@@ -230,11 +271,14 @@ def _loha(module: str, t: dict[str, torch.Tensor], alpha: float | None, where: s
         raise InputError(f"{where}: the LoHa factors of {module} describe two different layer shapes")
     scale = alpha / w1b.shape[0] if alpha is not None else 1.0
     r1, r2 = w1b.shape[0], w2b.shape[0]
+    out_features, in_features = w1a.shape[0], w1b.shape[1]
+    if _dense_is_smaller(out_features, in_features, r1 * r2):
+        return _dense(scale * (w1a @ w1b) * (w2a @ w2b), LOHA)
     # (w1a @ w1b) * (w2a @ w2b) = up @ down with up[:, i*r2 + j] = w1a[:, i] * w2a[:, j] and
     # down[i*r2 + j, :] = w1b[i] * w2b[j].
-    up = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r1 * r2) * scale
-    down = (w1b[:, None, :] * w2b[None, :, :]).reshape(r1 * r2, w1b.shape[1])
-    return _smaller_of(Update(up, down, None, frozenset({LOHA})))
+    up = (w1a[:, :, None] * w2a[:, None, :]).reshape(out_features, r1 * r2) * scale
+    down = (w1b[:, None, :] * w2b[None, :, :]).reshape(r1 * r2, in_features)
+    return Update(up, down, None, frozenset({LOHA}))
 
 
 def _lokr(module: str, t: dict[str, torch.Tensor], alpha: float | None, where: str) -> Update:
@@ -256,14 +300,17 @@ def _lokr(module: str, t: dict[str, torch.Tensor], alpha: float | None, where: s
     # LyCORIS: alpha / rank with the rank of the decomposed factor (W2's first), 1 when neither is.
     rank = v2.shape[0] if v2 is not None else v1.shape[0] if v1 is not None else None
     scale = alpha / rank if alpha is not None and rank is not None else 1.0
-    # Each factor as (left, right): a whole one on the side where its identity is smaller.
     (l1, r1), (l2, r2) = (_as_product(u, v) for u, v in factors)
-    up = torch.kron(l1, l2) * scale
-    down = torch.kron(r1, r2)
-    return _smaller_of(Update(up, down, None, frozenset({LOKR})))
+    out_features, in_features = l1.shape[0] * l2.shape[0], r1.shape[1] * r2.shape[1]
+    if _dense_is_smaller(out_features, in_features, r1.shape[0] * r2.shape[0]):
+        whole = [u if v is None else u @ v for u, v in factors]
+        return _dense(scale * torch.kron(whole[0], whole[1]), LOKR)
+    return Update(torch.kron(l1, l2) * scale, torch.kron(r1, r2), None, frozenset({LOKR}))
 
 
 def _as_product(left: torch.Tensor, right: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A factor as (left, right) with left @ right = it: a whole one times an identity on the
+    side where the identity is smaller."""
     if right is not None:
         return left, right
     rows, cols = left.shape
@@ -272,19 +319,20 @@ def _as_product(left: torch.Tensor, right: torch.Tensor | None) -> tuple[torch.T
     return left, torch.eye(cols)
 
 
+def _dense_is_smaller(out_features: int, in_features: int, rank: int) -> bool:
+    """Whether factors of this rank would hold more numbers than the dense update."""
+    return rank * (out_features + in_features) > out_features * in_features
+
+
 def _smaller_of(update: Update) -> Update:
-    """The low-rank form, or the dense difference where that is smaller."""
-    out, rank, inputs = update.up.shape[0], update.up.shape[1], update.down.shape[1]
-    if rank < min(out, inputs):
-        return update
-    return _dense(update.up @ update.down, *update.kinds)
+    """The low-rank form, or the dense update where that is smaller."""
+    if _dense_is_smaller(update.up.shape[0], update.down.shape[1], update.rank):
+        return Update(None, None, update.bias, update.kinds, update.up @ update.down)
+    return update
 
 
 def _dense(delta: torch.Tensor, *kinds: str) -> Update:
-    out, inputs = delta.shape
-    if out >= inputs:
-        return Update(delta, torch.eye(inputs), None, frozenset(kinds))
-    return Update(torch.eye(out), delta, None, frozenset(kinds))
+    return Update(None, None, None, frozenset(kinds), delta)
 
 
 def _matrix(t: dict[str, torch.Tensor], role: str, module: str, where: str) -> torch.Tensor:
