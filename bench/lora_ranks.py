@@ -70,23 +70,14 @@ def simpletuner_lokr(g: torch.Generator) -> dict[str, torch.Tensor]:
         for m in ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     ]
     attention += [f"single_transformer_blocks_{b}_attn_to_{m}" for b in range(38) for m in "qkv"]
-    for name in attention:
-        tensors[f"lycoris_{name}.lokr_w1"] = torch.randn(16, 16, generator=g, dtype=torch.float32).bfloat16()
-        tensors[f"lycoris_{name}.lokr_w2"] = torch.randn(192, 192, generator=g).bfloat16()
-    for block in range(19):
+    factors = {name: ((16, 16), (192, 192)) for name in attention}  # factor 16 on attention
+    for block in range(19):  # factor 8 on feed-forward
         for ff in ("ff", "ff_context"):
-            tensors[f"lycoris_transformer_blocks_{block}_{ff}_net_0_proj.lokr_w1"] = torch.randn(
-                8, 8, generator=g
-            ).bfloat16()
-            tensors[f"lycoris_transformer_blocks_{block}_{ff}_net_0_proj.lokr_w2"] = torch.randn(
-                M // 8, H // 8, generator=g
-            ).bfloat16()
-            tensors[f"lycoris_transformer_blocks_{block}_{ff}_net_2.lokr_w1"] = torch.randn(
-                8, 8, generator=g
-            ).bfloat16()
-            tensors[f"lycoris_transformer_blocks_{block}_{ff}_net_2.lokr_w2"] = torch.randn(
-                H // 8, M // 8, generator=g
-            ).bfloat16()
+            factors[f"transformer_blocks_{block}_{ff}_net_0_proj"] = ((8, 8), (M // 8, H // 8))
+            factors[f"transformer_blocks_{block}_{ff}_net_2"] = ((8, 8), (H // 8, M // 8))
+    for name, (w1, w2) in factors.items():
+        tensors[f"lycoris_{name}.lokr_w1"] = torch.randn(*w1, generator=g).bfloat16()
+        tensors[f"lycoris_{name}.lokr_w2"] = torch.randn(*w2, generator=g).bfloat16()
     return tensors
 
 
