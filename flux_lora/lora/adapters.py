@@ -74,7 +74,7 @@ def read_lora(path: str, label: str, display: str, names: ModuleNames) -> Conver
         raise InputError(f"{where} could not be read as safetensors ({_first_line(err)})") from err
     converted = convert(tensors, header, names, where)
     if converted.text_encoders:
-        parts = ", ".join(f"{count} {encoder}" for encoder, count in converted.text_encoders.items())
+        parts = ", ".join(f"{len(keys)} {encoder}" for encoder, keys in converted.text_encoders.items())
         log.info(
             "%s: text-encoder tensors not applied (LoRAs apply to the transformer only): %s", label, parts
         )

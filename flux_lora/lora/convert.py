@@ -10,7 +10,6 @@ of a file is either applied, counted as a text-encoder part, or the reason the f
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,7 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry: the peft conf
 @dataclass(frozen=True)
 class Converted:
     updates: dict[str, Update]  # diffusers module path -> its update
-    text_encoders: dict[str, int]  # "CLIP" / "T5" / "embeddings" -> tensors not applied
+    text_encoders: dict[str, list[str]]  # "CLIP" / "T5" / "embeddings" -> keys not applied
     skipped: tuple[str, ...]  # layers this transformer lacks (a dev LoRA's guidance on schnell)
     layout: Layout
 
@@ -35,7 +34,7 @@ class Converted:
         return {kind for update in self.updates.values() for kind in update.kinds}
 
     def describe(self) -> str:
-        te = ", ".join(f"{count} {name} tensors" for name, count in self.text_encoders.items())
+        te = ", ".join(f"{len(keys)} {name} tensors" for name, keys in self.text_encoders.items())
         return self.layout.describe(self.kinds) + (f", and {te}" if te else "")
 
 
@@ -44,18 +43,24 @@ def convert(
 ) -> Converted:
     """Every tensor of a file, placed: raises InputError naming what cannot be."""
     layout = detect(tensors)
-    text_encoders: Counter[str] = Counter()
+    text_encoders: dict[str, list[str]] = {}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown: list[str] = []
     for key in sorted(tensors):  # one order whatever the header's: the same file, the same message
         tensor = tensors[key]
         if encoder := text_encoder_of(key):
-            text_encoders[encoder] += 1
+            text_encoders.setdefault(encoder, []).append(key)
         elif parts := split_key(key):
             module, role = parts
             groups.setdefault(module, {})[role] = tensor
         else:
             unknown.append(key)
+    if any(key.endswith(("query_norm.scale", "key_norm.scale")) for key in unknown):
+        raise InputError(
+            f"{where} replaces norm scales (e.g. {next(k for k in sorted(unknown) if k.endswith('norm.scale'))}), "
+            "as BFL's control LoRAs (Canny, Depth) do: they need a control image this container does not "
+            "take. Use it with FLUX.1's control pipelines instead."
+        )
     if unknown:
         raise InputError(
             f"{where}: {len(unknown)} tensor(s) are of no adapter type this container knows "
@@ -115,7 +120,7 @@ def convert(
             f"{where}: {len(unmatched)} of its {len(groups)} modules match no FLUX transformer layer "
             f"(e.g. {sample}), so it would load only in part. Is it a LoRA for FLUX.1 [dev] or [schnell]?"
         )
-    return Converted(updates, dict(text_encoders), tuple(sorted(set(skipped))), layout)
+    return Converted(updates, text_encoders, tuple(sorted(set(skipped))), layout)
 
 
 def _swapped(weight: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ class Layout:
 
 def detect(keys: Iterable[str]) -> Layout:
     """The layout of a file with these tensor names: the first layout any key shows."""
-    keys = list(keys)
+    keys = sorted(keys, key=lambda key: (key.endswith(".alpha"), key))  # a weight's key shows more
     for name, marks in LAYOUTS:
         found = next((key for key in keys if any(_shows(key, mark) for mark in marks)), None)
         if found is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from flux_lora.lora.adapters import read_lora
 from flux_lora.lora.names import ModuleNames
+from flux_lora.lora.updates import split_key
 
 
 def describe_file(path: str) -> str:
@@ -20,15 +21,10 @@ def describe_file(path: str) -> str:
     served, names = served_transformer()
     converted = read_lora(path, "file", Path(path).name, names)
     lines = [f"{path}: {converted.describe()}", f"  checked against {served}"]
-    if converted.text_encoders:
-        lines.append("  text encoders: not applied (the transformer part is)")
     if converted.skipped:
         lines.append(f"  not applied, this transformer lacks them: {', '.join(converted.skipped)}")
-    modules: dict[tuple[str, str, str], set[int]] = {}
+    layers = {}
     for module, update in converted.updates.items():
-        pattern = re.sub(r"\.(\d+)\.", ".N.", module, count=1)
-        found = re.search(r"\.(\d+)\.", module)
-        kinds = " + ".join(sorted(update.kinds))
         form = (
             "dense"
             if update.dense is not None
@@ -36,12 +32,13 @@ def describe_file(path: str) -> str:
             if update.has_weight
             else "bias only"
         )
-        modules.setdefault((pattern, kinds, form), set()).add(int(found[1]) if found else -1)
+        layers[module] = f"{' + '.join(sorted(update.kinds))}, {form}"
     lines.append(f"  {len(converted.updates)} transformer layers:")
-    for (pattern, kinds, form), blocks in sorted(modules.items()):
-        numbered = sorted(block for block in blocks if block >= 0)
-        where = f" (N = {_ranges(numbered)})" if numbered else ""
-        lines.append(f"    {pattern}{where}: {kinds}, {form}")
+    lines += [f"    {line}" for line in _by_pattern(layers)]
+    for encoder, keys in converted.text_encoders.items():
+        modules = {parts[0] if (parts := split_key(key)) else key: "" for key in keys}
+        lines.append(f"  {encoder}, not applied (LoRAs apply to the transformer): {len(keys)} tensors on")
+        lines += [f"    {line}" for line in _by_pattern(modules)]
     return "\n".join(lines)
 
 
@@ -64,6 +61,21 @@ def served_transformer() -> tuple[str, ModuleNames]:
             model = FluxTransformer2DModel(guidance_embeds=True)
             served = "FLUX.1 [dev]'s transformer (its weights are not here yet)"
     return served, ModuleNames.of(model)
+
+
+def _by_pattern(modules: dict[str, str]) -> list[str]:
+    """Modules that differ only in a block number, one line each: "blocks.N.attn (N = 0-18): what"."""
+    grouped: dict[tuple[str, str], set[int]] = {}
+    for module, what in modules.items():
+        found = re.search(r"(?<=[._])(\d+)(?=[._])", module)
+        pattern = module[: found.start()] + "N" + module[found.end() :] if found else module
+        grouped.setdefault((pattern, what), set()).add(int(found[1]) if found else -1)
+    lines = []
+    for (pattern, what), blocks in sorted(grouped.items()):
+        numbered = sorted(block for block in blocks if block >= 0)
+        where = f" (N = {_ranges(numbered)})" if numbered else ""
+        lines.append(f"{pattern}{where}" + (f": {what}" if what else ""))
+    return lines
 
 
 def _ranges(numbers: list[int]) -> str:

@@ -39,6 +39,12 @@ REFUSED = {  # what a file holds -> (its tensors, what the error must say)
         tensors("img_in.lora_A.weight", shape=(4, 128)) | tensors("img_in.lora_B.weight", shape=(32, 4)),
         "is a control LoRA (Canny, Depth or Fill), which needs a control image",
     ),
+    "a BFL control LoRA's norm scales": (
+        tensors("img_in.lora_A.weight", shape=(4, 128))
+        | tensors("img_in.lora_B.weight", shape=(32, 4))
+        | tensors("double_blocks.0.img_attn.norm.query_norm.scale", shape=(16,)),
+        "replaces norm scales (e.g. double_blocks.0.img_attn.norm.query_norm.scale), as BFL's control LoRAs",
+    ),
     "another adapter type": (tensors(f"{BLOCK}.oft_blocks"), "of no adapter type this container knows"),
     "one layer twice": (
         tensors(f"{Q}.lora_A.weight", "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight")
@@ -100,3 +106,26 @@ def test_resolve_lora_refuses_a_file_the_server_would_refuse(tmp_path: Path, cap
     path.write_bytes(make_safetensors(REFUSED["Tucker factors"][0]))
     assert main(["resolve-lora", "--file", str(path)]) == 2
     assert "file: tucker.safetensors holds LyCORIS Tucker factors" in capsys.readouterr().err
+
+
+def test_resolve_lora_lists_the_layers_of_each_part(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch, capsys
+):
+    """Fused BFL layers by their diffusers targets; text-encoder parts, per encoder, by layer."""
+    import safetensors.torch
+
+    from tests.lora.formats import write
+
+    monkeypatch.setenv("FLUX_MODEL_DIR", str(tiny_model_dir))
+    path = tmp_path / "kohya.safetensors"
+    safetensors.torch.save_file(write("kohya").tensors, path)
+    assert main(["resolve-lora", "--file", str(path)]) == 0
+    report = capsys.readouterr().out
+    assert (
+        "LoRA in the kohya (sd-scripts) layout (e.g. lora_unet_double_blocks_0_img_attn_qkv.lora_down"
+        in report
+    )
+    assert "    single_transformer_blocks.N.proj_mlp (N = 0): LoRA, rank 4" in report
+    assert "    norm_out.linear: LoRA, rank 2" in report
+    assert "  T5, not applied (LoRAs apply to the transformer): 1 tensors on\n" in report
+    assert "    lora_te3_encoder_block_N_layer_0_SelfAttention_q (N = 0)" in report
