@@ -85,7 +85,7 @@ def read_lora(path: str, label: str, display: str, names: ModuleNames) -> Conver
             len(converted.skipped),
             ", ".join(converted.skipped),
         )
-    if not converted.updates:
+    if not converted.updates and not converted.norms:
         raise InputError(f"{where} has no weights for the FLUX transformer ({converted.describe()}).")
     return converted
 
@@ -204,16 +204,17 @@ class AdapterSet:
         self.patches.check_biases(list(biases), f"{adapter.label}: {adapter.display}")
         if low_rank:
             self._load_low_rank(adapter, name, low_rank)
-        self.patches.add(name, biases, merged)
+        self.patches.add(name, biases, merged, converted.norms)
         details = [" + ".join(sorted(converted.kinds))]
         details += [f"rank {_ranks(low_rank)}"] if low_rank else []
         details += [f"{len(merged)} dense updates written into the weights"] if merged else []
         details += [f"{len(biases)} bias updates"] if biases else []
+        details += [f"{len(converted.norms)} norm differences"] if converted.norms else []
         log.info(
             "%s: %s loaded into %d layers (%s)",
             adapter.label,
             adapter.display,
-            len(converted.updates),
+            len(converted.updates) + len(converted.norms),
             ", ".join(details),
         )
 

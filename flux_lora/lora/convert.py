@@ -17,7 +17,7 @@ import torch
 from flux_lora.errors import InputError
 from flux_lora.lora.layouts import Layout, detect
 from flux_lora.lora.names import GUIDANCE, ModuleNames, strip_prefixes, text_encoder_of
-from flux_lora.lora.updates import Update, split_key, update_of
+from flux_lora.lora.updates import NORM_DIFF, Update, split_key, update_of
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry: the peft config, JSON
 
@@ -25,13 +25,15 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry: the peft conf
 @dataclass(frozen=True)
 class Converted:
     updates: dict[str, Update]  # diffusers module path -> its update
+    norms: dict[str, torch.Tensor]  # diffusers norm path -> the difference of its weight
     text_encoders: dict[str, list[str]]  # "CLIP" / "T5" / "embeddings" -> keys not applied
     skipped: tuple[str, ...]  # layers this transformer lacks (a dev LoRA's guidance on schnell)
     layout: Layout
 
     @property
     def kinds(self) -> set[str]:
-        return {kind for update in self.updates.values() for kind in update.kinds}
+        kinds = {kind for update in self.updates.values() for kind in update.kinds}
+        return kinds | ({NORM_DIFF} if self.norms else set())
 
     def describe(self) -> str:
         te = ", ".join(f"{len(keys)} {name} tensors" for name, keys in self.text_encoders.items())
@@ -69,12 +71,16 @@ def convert(
         )
     scales = _metadata_scales(header)
     updates: dict[str, Update] = {}
+    norms: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
     skipped: list[str] = []
     unmatched: list[str] = []
     for module, group in groups.items():
         bare = strip_prefixes(module)
         targets = names.targets(bare)
+        if targets is None and (norm := names.norm(bare)) is not None:
+            norms[norm] = _norm_difference(module, group, norm, names.norms[norm], where)
+            continue
         if targets is None:
             unmatched.append(module)
             continue
@@ -104,14 +110,8 @@ def convert(
                 )
             updates[target.module], sources[target.module] = part, module
     if unmatched:
-        norms = [m for m in unmatched if "norm" in m and set(groups[m]) <= {"diff", "diff_b"}]
-        if norms:
-            raise InputError(
-                f"{where} patches norm layers ({len(norms)}, e.g. {norms[0]}); this container applies "
-                "updates to FLUX's linear layers only, and refuses the file rather than load part of it."
-            )
         sample = ", ".join(sorted(unmatched)[:3])
-        if not updates:
+        if not updates and not norms:
             raise InputError(
                 f"{where}: no key matches a FLUX transformer layer (its modules look like {sample}). "
                 "Is it a LoRA for FLUX.1 [dev] or [schnell]?"
@@ -120,7 +120,22 @@ def convert(
             f"{where}: {len(unmatched)} of its {len(groups)} modules match no FLUX transformer layer "
             f"(e.g. {sample}), so it would load only in part. Is it a LoRA for FLUX.1 [dev] or [schnell]?"
         )
-    return Converted(updates, text_encoders, tuple(sorted(set(skipped))), layout)
+    return Converted(updates, norms, text_encoders, tuple(sorted(set(skipped))), layout)
+
+
+def _norm_difference(
+    module: str, group: dict[str, torch.Tensor], norm: str, width: int, where: str
+) -> torch.Tensor:
+    """A norm weight's difference (ComfyUI's `.diff` on `query_norm.scale`): the only update a
+    norm takes."""
+    difference = group.get("diff")
+    if set(group) != {"diff"} or difference.numel() != width:
+        shapes = {role: tuple(tensor.shape) for role, tensor in group.items()}
+        raise InputError(
+            f"{where}: {module} names the norm {norm} (width {width}) with {shapes}; a norm takes only a "
+            "weight difference (.diff) of its width. Is it an adapter for FLUX.1?"
+        )
+    return difference.float().flatten()
 
 
 def _swapped(weight: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,9 @@ TEXT_ENCODERS = (
     ("T5", ("lora_te3_", "lora_te2_", "text_encoder_2.", "text_encoders.t5xxl.", "t5.", "te2.")),
     ("embeddings", ("bundle_emb.",)),
 )
+# BFL's norm names in an attention -> diffusers'.
+NORMS = {"img_attn.norm.query_norm": "norm_q", "img_attn.norm.key_norm": "norm_k"}
+NORMS |= {"txt_attn.norm.query_norm": "norm_added_q", "txt_attn.norm.key_norm": "norm_added_k"}
 # Layers schnell does not have (it takes no guidance): a dev LoRA's update there cannot apply.
 GUIDANCE = "time_text_embed.guidance_embedder."
 
@@ -72,6 +75,15 @@ def underscored(module: str) -> str:
     return module.replace(".", "_").rstrip("_")
 
 
+def norm_layers(transformer: torch.nn.Module) -> dict[str, int]:
+    """The attention's RMS norms (the only other weights FLUX's blocks have) as `name -> width`."""
+    return {
+        name: module.weight.shape[0]
+        for name, module in transformer.named_modules()
+        if name.rsplit(".", 1)[-1] in NORMS.values() and getattr(module, "weight", None) is not None
+    }
+
+
 def linear_layers(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """Every linear layer of a FLUX transformer as `name -> (out_features, in_features)`, read
     through any peft adapters already on it (their own linear layers are not the model's)."""
@@ -88,10 +100,27 @@ class ModuleNames:
 
     @classmethod
     def of(cls, transformer: torch.nn.Module) -> ModuleNames:
-        return cls(linear_layers(transformer), transformer)
+        return cls(linear_layers(transformer), transformer, norm_layers(transformer))
 
-    def __init__(self, linears: dict[str, tuple[int, int]], transformer: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        linears: dict[str, tuple[int, int]],
+        transformer: torch.nn.Module | None = None,
+        norms: dict[str, int] | None = None,
+    ):
         self.linears = linears
+        self.norms = norms or {}
+        self.norm_table = {}  # underscored name, in any spelling -> diffusers norm
+        for norm in self.norms:
+            self.norm_table[underscored(norm)] = norm
+            block, _, name = norm.partition(".attn.")
+            bfl = {v: k for k, v in NORMS.items()}[name]
+            if block.startswith("single_"):  # a single block's norm: `single_blocks.N.norm.query_norm`
+                bfl = "norm." + bfl.split(".norm.", 1)[1]
+            bfl_block = block.replace("single_transformer_blocks", "single_blocks").replace(
+                "transformer_blocks", "double_blocks"
+            )
+            self.norm_table[underscored(f"{bfl_block}.{bfl}")] = norm
         self.transformer = transformer
         # Updates are kept in the serving dtype: a full-rank LoKr file is gigabytes in float32.
         self.dtype = (
@@ -121,6 +150,14 @@ class ModuleNames:
         if type(data) is not torch.Tensor and hasattr(data, "dequantize"):  # torchao's fp8 tensor
             data = data.dequantize()
         return data.detach().float()
+
+    def norm(self, module: str) -> str | None:
+        """The diffusers norm a file's module name means (BFL's ComfyUI name may end in `.scale`,
+        its parameter there, or `.weight`), or None."""
+        key = underscored(module)
+        for suffix in ("_scale", "_weight"):
+            key = key.removesuffix(suffix)
+        return self.norm_table.get(key)
 
     def targets(self, module: str) -> tuple[Target, ...] | None:
         """The targets of a file's module name (prefix already stripped), or None if it names no

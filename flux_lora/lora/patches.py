@@ -46,12 +46,18 @@ class ParameterPatches:
         return type(self._layer(module).weight.data) is torch.Tensor
 
     def add(
-        self, owner: str, biases: dict[str, torch.Tensor], weights: dict[str, Update] | None = None
+        self,
+        owner: str,
+        biases: dict[str, torch.Tensor],
+        weights: dict[str, Update] | None = None,
+        norms: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Holds `owner`'s updates, in place of any it had; they take effect at the next `apply`."""
+        """Holds `owner`'s updates (to linear layers' biases and weights, and to norms' weights), in
+        place of any it had; they take effect at the next `apply`."""
         self.updates.pop(owner, None)
         held: dict[tuple[str, str], torch.Tensor | Update] = {(m, BIAS): b.float() for m, b in biases.items()}
         held |= {(m, WEIGHT): self._stored(m, update) for m, update in (weights or {}).items()}
+        held |= {(m, WEIGHT): difference.float() for m, difference in (norms or {}).items()}
         if held:
             self.updates[owner] = held
 

@@ -35,6 +35,9 @@ def describe_file(path: str) -> str:
         layers[module] = f"{' + '.join(sorted(update.kinds))}, {form}"
     lines.append(f"  {len(converted.updates)} transformer layers:")
     lines += [f"    {line}" for line in _by_pattern(layers)]
+    if converted.norms:
+        lines.append(f"  {len(converted.norms)} norm layers: weight differences")
+        lines += [f"    {line}" for line in _by_pattern(dict.fromkeys(converted.norms, ""))]
     for encoder, keys in converted.text_encoders.items():
         modules = {parts[0] if (parts := split_key(key)) else key: "" for key in keys}
         lines.append(f"  {encoder}, not applied (LoRAs apply to the transformer): {len(keys)} tensors on")

@@ -126,8 +126,9 @@ class LoraSlots:
         log.info("LoRA slots: %d rewritten in %.3f s (no recompilation)", len(changed), elapsed)
         return elapsed
 
-    def _checked(self, adapter: WantedAdapter) -> dict[str, Update]:
-        """The updates to write: in a slot, or (`merged`) into the weight."""
+    def _checked(self, adapter: WantedAdapter) -> tuple[dict[str, Update], dict[str, torch.Tensor]]:
+        """The updates to write (in a slot, or into the weight above the slot's rank), and the
+        norm differences."""
         converted = read_lora(adapter.path, adapter.label, adapter.display, self.names)
         where = f"{adapter.label}: {adapter.display}"
         self.patches.check_biases([m for m, u in converted.updates.items() if u.bias is not None], where)
@@ -163,9 +164,12 @@ class LoraSlots:
                 errors[worst],
                 worst,
             )
-        return updates
+        return updates, converted.norms
 
-    def _write(self, slot: str, updates: dict[str, Update], scale: float) -> None:
+    def _write(
+        self, slot: str, checked: tuple[dict[str, Update], dict[str, torch.Tensor]], scale: float
+    ) -> None:
+        updates, norms = checked
         merged = {path: update for path, update in updates.items() if update.rank > self.max_rank}
         with torch.no_grad():
             for path, layer in self.layers.items():
@@ -178,7 +182,7 @@ class LoraSlots:
                 layer.lora_A[slot].weight[:rank].copy_(down)
                 layer.lora_B[slot].weight[:, :rank].copy_(up * scale)
         biases = {path: u.bias for path, u in updates.items() if u.bias is not None}
-        self.patches.add(slot, biases, merged)
+        self.patches.add(slot, biases, merged, norms)
         self.patch_scales[slot] = scale
         self.patches.apply(self.patch_scales)
 

@@ -56,7 +56,7 @@ ROLES = (
     (".diff", "diff"),
 )
 LORA, LOHA, LOKR = "LoRA", "LyCORIS LoHa", "LyCORIS LoKr"
-WEIGHT_DIFF, BIAS_DIFF, DORA = "weight difference", "bias difference", "DoRA"
+WEIGHT_DIFF, BIAS_DIFF, DORA, NORM_DIFF = "weight difference", "bias difference", "DoRA", "norm difference"
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -189,7 +189,7 @@ def update_of(
         if diff.ndim != 2:
             raise InputError(
                 f"{where}: {module}.diff has shape {tuple(diff.shape)}; a linear layer's weight "
-                "difference has two dimensions. Norm-layer patches are not applied."
+                "difference has two dimensions. Is it an adapter for FLUX.1?"
             )
         found.append(_dense(diff, WEIGHT_DIFF))
     if "diff_b" in roles:

@@ -23,6 +23,7 @@ class Written:
     expected: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     header: dict[str, str] | None = None
     text_encoder_tensors: int = 0
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # norm -> its weight's update
 
 
 class Writer:
@@ -335,6 +336,20 @@ def dora_onetrainer(w: Writer) -> None:
     w.expect(parts[0], w.dora(f"{module}.dora_scale", parts, delta, "columns", (1, w.h + w.m)))
 
 
+def norm_differences(w: Writer) -> None:
+    """ComfyUI's differences on the attention's RMS norms (BFL names: `query_norm.scale`), beside
+    a bias difference."""
+    head = w.h // 2  # the tiny model's head width; the norms are that wide
+    for key, norm in (
+        ("diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale.diff", f"{D}.attn.norm_q"),
+        ("diffusion_model.double_blocks.0.txt_attn.norm.key_norm.scale.diff", f"{D}.attn.norm_added_k"),
+        ("diffusion_model.single_blocks.0.norm.key_norm.diff", f"{S}.attn.norm_k"),
+    ):
+        w.file.norms[norm] = w.file.tensors[key] = w.rand(head)
+    bias = w.file.tensors["diffusion_model.single_blocks.0.linear2.diff_b"] = w.rand(w.h)
+    w.expect(f"{S}.proj_out", None, bias)
+
+
 LAYOUTS = {
     "kohya": kohya,
     "BFL with biases": bfl_biases,
@@ -355,6 +370,7 @@ LAYOUTS = {
     "DoRA (peft)": dora_peft,
     "DoRA (LyCORIS, fused)": dora_lycoris,
     "DoRA (OneTrainer)": dora_onetrainer,
+    "norm differences": norm_differences,
 }
 
 

@@ -79,6 +79,12 @@ def inputs_for(layer: torch.nn.Module, dtype: torch.dtype = torch.float32) -> to
     return torch.randn(4, features, generator=torch.Generator().manual_seed(1)).to(dtype)
 
 
+def check_norms(transformer: torch.nn.Module, base: torch.nn.Module, written: Written, scale: float) -> None:
+    for norm, difference in written.norms.items():
+        want = base.get_submodule(norm).weight + scale * difference
+        torch.testing.assert_close(transformer.get_submodule(norm).weight, want, rtol=1e-6, atol=1e-6)
+
+
 def adapted(transformer: torch.nn.Module) -> set[str]:
     return {name for name, module in transformer.named_modules() if getattr(module, "lora_A", None)}
 
@@ -96,7 +102,9 @@ def test_eager_adapters_apply_each_layouts_definition(base, write, layout: str, 
         x = inputs_for(pristine)
         want = SCALE * expected_delta(x, weight, bias)
         torch.testing.assert_close(delta(layer, pristine, x), want, rtol=1e-4, atol=1e-5)
+    check_norms(transformer, base, written, SCALE)
     adapters.activate([wanted(saved(written, tmp_path), 0.0)])
+    check_norms(transformer, base, written, 0.0)
     for module in written.expected:  # scale 0: the base layer's output, bit for bit
         pristine = base.get_submodule(module)
         x = inputs_for(pristine)
@@ -160,6 +168,7 @@ def test_slots_and_merged_weights_apply_each_layout_exactly(base, write, layout:
     )
     assert (int(merged[1]) if merged else 0) >= len(above), caplog.text
     assert "approximated" not in caplog.text
+    check_norms(transformer, base, written, SCALE)
     slots.activate([])
     pristine_state = base.state_dict()
     for key, value in transformer.state_dict().items():

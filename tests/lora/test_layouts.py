@@ -31,9 +31,9 @@ REFUSED = {  # what a file holds -> (its tensors, what the error must say)
         "DoRA magnitude has shape (4, 32), neither one value per output (32) nor per input (32)",
     ),
     "Tucker factors": (tensors(f"{BLOCK}.lokr_w1", f"{BLOCK}.lokr_w2", f"{BLOCK}.lokr_t2"), "Tucker factors"),
-    "a norm patch": (
-        tensors("diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale.diff", shape=(16,)),
-        "patches norm layers (1, e.g. diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale)",
+    "a norm difference of another width": (
+        tensors("diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale.diff", shape=(128,)),
+        "names the norm transformer_blocks.0.attn.norm_q (width 16) with {'diff': (128,)}",
     ),
     "a control LoRA": (
         tensors("img_in.lora_A.weight", shape=(4, 128)) | tensors("img_in.lora_B.weight", shape=(32, 4)),
