@@ -235,8 +235,28 @@ def lora_figures(bench: Bench) -> None:
     figure("lora_swap_s", round(statistics.median(swaps[2:]), 4))  # the first two also download
     figure("recompiles_on_swap", pipelines.compilations - compilations)
     bench.timed("dev_fp8_lora_s", go_fast=True, replicate_weights=urls[0])
+    lokr_figures(bench, server, transformer)
     server.shutdown()
     fp8_lora_effect(pipelines, files[0])
+
+
+def lokr_figures(bench: Bench, server: ThreadingHTTPServer, transformer: torch.nn.Module) -> None:
+    """A SimpleTuner-default LyCORIS LoKr (whole factors: dense updates on 342 layers) through the
+    compiled server: loaded into bf16 weights exactly, and into the fp8 copy's slots at their rank
+    (truncated SVD). Load times and recompilations."""
+    from safetensors.torch import save_file
+
+    from bench.lora_ranks import simpletuner_lokr
+    from flux_lora.lora.names import linear_layers
+
+    path = bench.work / "lokr.safetensors"
+    save_file(simpletuner_lokr(torch.Generator().manual_seed(3), linear_layers(transformer)), path)
+    url = f"http://127.0.0.1:{server.server_port}/{path.name}"
+    compilations = bench.service.pipelines.compilations
+    for go_fast, name in ((False, "lokr_bf16_load_s"), (True, "lokr_fp8_load_s")):
+        request = bench.request(num_inference_steps=1, go_fast=go_fast, replicate_weights=url)
+        figure(name, round(bench.service.predict(request).metrics["lora_load_time"], 3))
+    figure("recompiles_on_lokr", bench.service.pipelines.compilations - compilations)
 
 
 def fp8_lora_effect(pipelines, lora_file: Path) -> None:

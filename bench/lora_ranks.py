@@ -16,6 +16,7 @@ directions. Real published files have not been measured here.
 from __future__ import annotations
 
 import argparse
+import re
 import resource
 import time
 
@@ -61,23 +62,22 @@ def _loha(rank: int) -> dict[str, tuple[int, int]]:
     return {"hada_w1_a": (H, rank), "hada_w1_b": (rank, H), "hada_w2_a": (H, rank), "hada_w2_b": (rank, H)}
 
 
-def simpletuner_lokr(g: torch.Generator) -> dict[str, torch.Tensor]:
-    """SimpleTuner's default LyCORIS LoKr: every Attention and FeedForward layer, whole factors."""
+ATTENTION = re.compile(r".*\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$")
+FEED_FORWARD = re.compile(r".*\.ff(_context)?\.net\.(0\.proj|2)$")
+
+
+def simpletuner_lokr(g: torch.Generator, linears: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """SimpleTuner's default LyCORIS LoKr for a transformer with these linear layers: every
+    Attention layer with factor 16 and every FeedForward one with factor 8, whole factors, bf16
+    (342 layers on FLUX.1)."""
     tensors = {}
-    attention = [
-        f"transformer_blocks_{b}_attn_{m}"
-        for b in range(19)
-        for m in ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-    ]
-    attention += [f"single_transformer_blocks_{b}_attn_to_{m}" for b in range(38) for m in "qkv"]
-    factors = {name: ((16, 16), (192, 192)) for name in attention}  # factor 16 on attention
-    for block in range(19):  # factor 8 on feed-forward
-        for ff in ("ff", "ff_context"):
-            factors[f"transformer_blocks_{block}_{ff}_net_0_proj"] = ((8, 8), (M // 8, H // 8))
-            factors[f"transformer_blocks_{block}_{ff}_net_2"] = ((8, 8), (H // 8, M // 8))
-    for name, (w1, w2) in factors.items():
-        tensors[f"lycoris_{name}.lokr_w1"] = torch.randn(*w1, generator=g).bfloat16()
-        tensors[f"lycoris_{name}.lokr_w2"] = torch.randn(*w2, generator=g).bfloat16()
+    for name, (out_features, in_features) in linears.items():
+        factor = 16 if ATTENTION.match(name) else 8 if FEED_FORWARD.match(name) else 0
+        if factor:
+            key = "lycoris_" + name.replace(".", "_")
+            tensors[f"{key}.lokr_w1"] = torch.randn(factor, factor, generator=g).bfloat16()
+            w2 = (out_features // factor, in_features // factor)
+            tensors[f"{key}.lokr_w2"] = torch.randn(*w2, generator=g).bfloat16()
     return tensors
 
 
@@ -91,7 +91,7 @@ def whole_file(g: torch.Generator) -> None:
         model = FluxTransformer2DModel(guidance_embeds=True)
     names = ModuleNames.of(model)
     names.dtype = torch.bfloat16  # as served on a GPU
-    tensors = simpletuner_lokr(g)
+    tensors = simpletuner_lokr(g, names.linears)
     file_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     started = time.perf_counter()

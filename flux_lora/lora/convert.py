@@ -99,6 +99,8 @@ def convert(
                 [_swapped(w) if t.swap_halves else w for t, w in zip(targets, parts, strict=True)]
             )
 
+        if names.device is not None and names.device.type != "meta":
+            group = {role: tensor.to(names.device) for role, tensor in group.items()}
         update = update_of(module, group, _scale_for(bare, group, scales), where, fused_weight)
         for target in targets:
             part = update.rows(target.rows, target.swap_halves).to(names.dtype)

@@ -122,10 +122,10 @@ class ModuleNames:
             )
             self.norm_table[underscored(f"{bfl_block}.{bfl}")] = norm
         self.transformer = transformer
-        # Updates are kept in the serving dtype: a full-rank LoKr file is gigabytes in float32.
-        self.dtype = (
-            getattr(transformer, "dtype", torch.float32) if transformer is not None else torch.float32
-        )
+        # Updates are computed on the serving device and kept in the serving dtype: a full-rank
+        # LoKr file is gigabytes of dense updates, and its Kronecker products took 47 s on 2 CPU cores.
+        self.dtype = getattr(transformer, "dtype", None) or torch.float32
+        self.device = getattr(transformer, "device", None)
         self.table: dict[str, tuple[Target, ...]] = {}
         for name in linears:
             self._add(name, (Target(name),))

@@ -116,8 +116,8 @@ class Update:
             return self.up, self.down
         out_features, in_features = self.dense.shape
         if out_features >= in_features:
-            return self.dense, torch.eye(in_features, dtype=self.dense.dtype)
-        return torch.eye(out_features, dtype=self.dense.dtype), self.dense
+            return self.dense, torch.eye(in_features, dtype=self.dense.dtype, device=self.dense.device)
+        return torch.eye(out_features, dtype=self.dense.dtype, device=self.dense.device), self.dense
 
     def to(self, dtype: torch.dtype) -> Update:
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -315,8 +315,8 @@ def _as_product(left: torch.Tensor, right: torch.Tensor | None) -> tuple[torch.T
         return left, right
     rows, cols = left.shape
     if rows <= cols:
-        return torch.eye(rows), left
-    return left, torch.eye(cols)
+        return torch.eye(rows, device=left.device), left
+    return left, torch.eye(cols, device=left.device)
 
 
 def _dense_is_smaller(out_features: int, in_features: int, rank: int) -> bool:

@@ -19,7 +19,7 @@ FIGURES = {
     "move_on_s", "move_off_s", "move_roundtrip_identical", "peak_mem_eager_gib", "disk_read_gbps",
     "sha256_gbps", "ready_cold_s", "setup_compilations", "compiled_faults", "dev_fp8_s", "dev_bf16_s",
     "dev_bf16_s_vs_bare", "schnell_fp8_s", "schnell_bf16_s", "request_compilations", "lora_swap_s",
-    "recompiles_on_swap", "fp8_lora_effect_ratio_x1", "fp8_lora_effect_ratio_x1_5", "peak_mem_gib",
+    "recompiles_on_swap", "lokr_bf16_load_s", "lokr_fp8_load_s", "recompiles_on_lokr", "fp8_lora_effect_ratio_x1", "fp8_lora_effect_ratio_x1_5", "peak_mem_gib",
     "dev_fp8_4_outputs_s", "exercised_faults", "ready_warm_s", "warm_request_compilations",
 }  # fmt: skip
 
@@ -47,6 +47,7 @@ def test_bench_gpu_tiny_writes_every_figure(tmp_path: Path):
     assert results["device"].startswith("cpu")
     assert [results[k] for k in ("eager_faults", "compiled_faults", "exercised_faults")] == [[], [], []]
     assert results["recompiles_on_swap"] == 0 and results["request_compilations"] == 0
+    assert results["recompiles_on_lokr"] == 0
     assert results["warm_request_compilations"] == 0
     assert results["move_roundtrip_identical"] is True
     assert results["dev_bf16_eager_s_vs_bare"] == round(
