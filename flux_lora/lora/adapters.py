@@ -137,6 +137,7 @@ class AdapterSet:
         self.transformer = transformer
         self.names = ModuleNames.of(transformer)
         self.patches = ParameterPatches(transformer)
+        self.names.pristine = self.patches.original_weight  # DoRA normalises the weight as loaded
         self.loaded: dict[str, str] = {}  # identity -> adapter name
         self.active: dict[str, float] = {}  # adapter name -> weight, as last set
 

@@ -78,8 +78,18 @@ def convert(
     for module, group in groups.items():
         bare = strip_prefixes(module)
         targets = names.targets(bare)
+        if names.device is not None and names.device.type != "meta":
+            group = {role: tensor.to(names.device) for role, tensor in group.items()}
         if targets is None and (norm := names.norm(bare)) is not None:
-            norms[norm] = _norm_difference(module, group, norm, names.norms[norm], where)
+            if norm in norms:
+                raise InputError(
+                    f"{where}: both {sources[norm]} and {module} update {norm}; a file that updates a "
+                    "layer twice is ambiguous. Ask its author for a file in one layout."
+                )
+            norms[norm], sources[norm] = (
+                _norm_difference(module, group, norm, names.norms[norm], where),
+                module,
+            )
             continue
         if targets is None:
             unmatched.append(module)
@@ -99,9 +109,14 @@ def convert(
                 [_swapped(w) if t.swap_halves else w for t, w in zip(targets, parts, strict=True)]
             )
 
-        if names.device is not None and names.device.type != "meta":
-            group = {role: tensor.to(names.device) for role, tensor in group.items()}
         update = update_of(module, group, _scale_for(bare, group, scales), where, fused_weight)
+        fused = [target.rows.stop for target in targets if target.rows is not None]
+        if fused and update.out_features != fused[-1]:
+            raise InputError(
+                f"{where}: {module} updates {update.out_features} rows, and the fused layer it names has "
+                f"{fused[-1]} ({', '.join(t.module.rsplit('.', 1)[-1] for t in targets)}). Is it a LoRA for "
+                "FLUX.1 [dev] or [schnell], not another model?"
+            )
         for target in targets:
             part = update.rows(target.rows, target.swap_halves).to(names.dtype)
             _check_shape(part, target.module, names.linears[target.module], module, where)

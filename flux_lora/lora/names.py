@@ -17,6 +17,7 @@ halves (shift, scale) in the other order from diffusers' `norm_out.linear` (scal
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,8 @@ class ModuleNames:
             )
             self.norm_table[underscored(f"{bfl_block}.{bfl}")] = norm
         self.transformer = transformer
+        # A layer's weight before any update written into it (`ParameterPatches.original_weight`).
+        self.pristine: Callable[[str], torch.Tensor | None] | None = None
         # Updates are computed on the serving device and kept in the serving dtype: a full-rank
         # LoKr file is gigabytes of dense updates, and its Kronecker products took 47 s on 2 CPU cores.
         self.dtype = getattr(transformer, "dtype", None) or torch.float32
@@ -144,6 +147,8 @@ class ModuleNames:
 
     def weight(self, module: str) -> torch.Tensor:
         """A layer's base weight in float32 (an fp8 weight dequantized): what DoRA normalises."""
+        if self.pristine is not None and (original := self.pristine(module)) is not None:
+            return original.detach().float()  # not another adapter's update written into it
         layer = self.transformer.get_submodule(module)
         weight = (layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight
         data = weight.data

@@ -40,6 +40,10 @@ class ParameterPatches:
                     f"{where} updates the bias of {module}, which has none. Is it an adapter for FLUX.1?"
                 )
 
+    def original_weight(self, module: str) -> torch.Tensor | None:
+        """A layer's weight as it was before any update written into it, or None if none is."""
+        return self.original.get((module, WEIGHT))
+
     def mergeable(self, module: str) -> bool:
         """Whether a weight update can be written into this layer's weight: a plain tensor, not an
         fp8 one (which would need quantizing again at every swap)."""
@@ -77,7 +81,9 @@ class ParameterPatches:
                     self._parameter(key).copy_(self.original.pop(key))
             for key, terms in wanted.items():
                 parameter = self._parameter(key)
-                original = self.original.setdefault(key, parameter.detach().clone())
+                if key not in self.original:
+                    self.original[key] = parameter.detach().clone()
+                original = self.original[key]
                 terms = [(weight, update) for weight, update in terms if weight != 0.0]
                 if not terms:
                     parameter.copy_(original)  # weight 0: exactly the original, not original + 0.0

@@ -51,6 +51,7 @@ class LoraSlots:
         self.max_rank = max_rank
         self.names = ModuleNames.of(transformer)
         self.patches = ParameterPatches(transformer)
+        self.names.pristine = self.patches.original_weight  # DoRA normalises the weight as loaded
         self.patch_scales: dict[str, float] = {}  # slot -> the scale its parameter updates are applied at
         self.layers: dict[str, torch.nn.Module] = {}  # module path -> peft LoRA layer
         self.held: dict[str, tuple[str, float] | None] = dict.fromkeys(SLOTS)  # slot -> (identity, scale)

@@ -177,6 +177,8 @@ def update_of(
             "convolutions have; FLUX's transformer has none. Is it an adapter for FLUX.1?"
         )
     alpha = float(tensors["alpha"]) if "alpha" in tensors else None
+    if alpha == 0.0:  # sd-scripts and LyCORIS read an alpha of 0 as none: scale 1
+        alpha = None
     found: list[Update] = []
     if roles & {"up", "down", "up_bias"}:
         found.append(_lora(module, tensors, alpha, lora_scale, where))
@@ -195,8 +197,12 @@ def update_of(
     if "diff_b" in roles:
         found.append(Update(None, None, tensors["diff_b"].float().flatten(), frozenset({BIAS_DIFF})))
     if not found:
+        present = " and ".join(
+            sorted({"dora": "a DoRA magnitude", "alpha": "an alpha"}[role] for role in roles)
+        )
         raise InputError(
-            f"{where}: {module} has only an alpha, no update. Download it again, or ask its author."
+            f"{where}: {module} has {present} and no update (LoRA, LoKr, LoHa or difference) to apply "
+            "it to. Download it again, or ask its author for the complete file."
         )
     update = found[0]
     for other in found[1:]:
@@ -292,9 +298,10 @@ def _lokr(module: str, t: dict[str, torch.Tensor], alpha: float | None, where: s
             _inner(left, right, module, where)
             factors.append((left, right))
         else:
+            have = ", ".join(sorted(k for k in t if k.startswith("lokr_" + side))) or "none of them"
             raise InputError(
                 f"{where} is not a whole LoKr: {module} needs lokr_{side}, or lokr_{side}_a and "
-                f"lokr_{side}_b, and has {sorted(k for k in t if k.startswith('lokr_' + side))}."
+                f"lokr_{side}_b; it has {have}."
             )
     (_, v1), (_, v2) = factors
     # LyCORIS: alpha / rank with the rank of the decomposed factor (W2's first), 1 when neither is.

@@ -264,3 +264,27 @@ def test_go_fast_takes_every_type_on_its_fp8_copy_and_swaps_back(server: CogServ
         assert "fp8" in body["logs"] and "Warning" not in body["logs"], body["logs"]
         assert output_images(body) != base, layout
     assert output_images(predict_ok(server, **fast)) == base
+
+
+@pytest.mark.parametrize("kind", ["eager", "slots"])
+def test_dora_normalises_the_weight_as_loaded_not_another_adapters(base, write, kind: str, tmp_path: Path):
+    """A weight difference written into to_q by one adapter must not change what a DoRA on to_q
+    means: its norms are of the weight as loaded, whatever came before."""
+    module = "transformer_blocks.0.attn.to_q"
+    difference = torch.randn(32, 32, generator=torch.Generator().manual_seed(9))
+    first = saved(Written(tensors={f"transformer.{module}.diff": difference}), tmp_path, "diff")
+    dora = write("DoRA (peft)")
+    transformer = copy.deepcopy(base)
+    adapters = AdapterSet(transformer) if kind == "eager" else LoraSlots.install(transformer, SLOT_RANK)
+    adapters.activate([wanted(first, 1.0)])
+    if kind == "eager":  # the DoRA alone, loaded while the difference is in the weight
+        adapters.activate([wanted(saved(dora, tmp_path), 1.0)])
+        weight = dora.expected[module][0]
+    else:  # both: the DoRA is staged while the difference is in the weight
+        adapters.activate([wanted(first, 1.0), wanted(saved(dora, tmp_path), 1.0, "extra_lora")])
+        weight = dora.expected[module][0] + difference
+    layer, pristine = transformer.get_submodule(module), base.get_submodule(module)
+    x = inputs_for(pristine)
+    torch.testing.assert_close(
+        delta(layer, pristine, x), expected_delta(x, weight, None), rtol=1e-4, atol=1e-4
+    )

@@ -129,3 +129,34 @@ def test_resolve_lora_lists_the_layers_of_each_part(
     assert "    norm_out.linear: LoRA, rank 2" in report
     assert "  T5, not applied (LoRAs apply to the transformer): 1 tensors on\n" in report
     assert "    lora_te3_encoder_block_N_layer_0_SelfAttention_q (N = 0)" in report
+
+
+@pytest.mark.parametrize(
+    ("file", "message"),
+    [
+        (
+            tensors("lora_unet_single_blocks_0_linear1.lora_down.weight")
+            | tensors("lora_unet_single_blocks_0_linear1.lora_up.weight", shape=(224 + 50, 4)),
+            "lora_unet_single_blocks_0_linear1 updates 274 rows, and the fused layer it names has 224",
+        ),
+        (
+            tensors("diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale.diff", shape=(16,))
+            | tensors("transformer.transformer_blocks.0.attn.norm_q.diff", shape=(16,)),
+            "update transformer_blocks.0.attn.norm_q; a file that updates a layer twice is ambiguous",
+        ),
+        (
+            tensors(f"{Q}.lora_magnitude_vector", shape=(32,)),
+            "has a DoRA magnitude and no update (LoRA, LoKr, LoHa or difference) to apply it to",
+        ),
+        (tensors(f"{BLOCK}.lokr_w1"), "needs lokr_w2, or lokr_w2_a and lokr_w2_b; it has none of them"),
+    ],
+    ids=["fused rows too many", "a norm twice", "a magnitude alone", "half a LoKr"],
+)
+def test_a_file_that_does_not_add_up_is_refused_by_resolve_lora(
+    tmp_path: Path, tiny_model_dir, monkeypatch, capsys, file, message
+):
+    monkeypatch.setenv("FLUX_MODEL_DIR", str(tiny_model_dir))
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(make_safetensors(file))
+    assert main(["resolve-lora", "--file", str(path)]) == 2
+    assert message in capsys.readouterr().err
