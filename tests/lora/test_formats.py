@@ -288,3 +288,30 @@ def test_dora_normalises_the_weight_as_loaded_not_another_adapters(base, write, 
     torch.testing.assert_close(
         delta(layer, pristine, x), expected_delta(x, weight, None), rtol=1e-4, atol=1e-4
     )
+
+
+@pytest.mark.parametrize("kind", ["eager", "slots"])
+def test_two_adapters_written_into_one_weight_add_at_their_scales(base, write, kind: str, tmp_path: Path):
+    """A LoKr and a DoRA, both dense on to_q (and elsewhere), as main and extra at different
+    scales: the weight holds both, each at its scale; dropping one leaves the
+    other; dropping both gives back every parameter bit for bit."""
+    lokr, dora = write("SimpleTuner LoKr"), write("DoRA (peft)")
+    main, extra = saved(lokr, tmp_path, "lokr"), saved(dora, tmp_path, "dora")
+    transformer = copy.deepcopy(base)
+    adapters = AdapterSet(transformer) if kind == "eager" else LoraSlots.install(transformer, SLOT_RANK)
+    module = "transformer_blocks.0.attn.to_q"
+    layer, pristine = transformer.get_submodule(module), base.get_submodule(module)
+    x = inputs_for(pristine)
+    adapters.activate([wanted(main, 0.5), wanted(extra, -0.8, "extra_lora")])
+    both = 0.5 * lokr.expected[module][0] - 0.8 * dora.expected[module][0]
+    torch.testing.assert_close(delta(layer, pristine, x), expected_delta(x, both, None), rtol=1e-4, atol=1e-4)
+    adapters.activate([wanted(extra, -0.8, "extra_lora")])
+    alone = -0.8 * dora.expected[module][0]
+    torch.testing.assert_close(
+        delta(layer, pristine, x), expected_delta(x, alone, None), rtol=1e-4, atol=1e-4
+    )
+    adapters.activate([])
+    pristine_state = base.state_dict()
+    for key, value in transformer.state_dict().items():
+        if ".lora_" not in key:
+            assert torch.equal(value, pristine_state[key.replace(".base_layer.", ".")]), key
