@@ -54,6 +54,8 @@ ROLES = (
     (".hada_t2", "tucker"),
     (".diff_b", "diff_b"),
     (".diff", "diff"),
+    (".w_norm", "diff"),  # LyCORIS's "norm" algorithm: a norm weight's difference
+    (".b_norm", "diff_b"),
 )
 LORA, LOHA, LOKR = "LoRA", "LyCORIS LoHa", "LyCORIS LoKr"
 WEIGHT_DIFF, BIAS_DIFF, DORA, NORM_DIFF = "weight difference", "bias difference", "DoRA", "norm difference"

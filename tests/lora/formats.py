@@ -344,6 +344,7 @@ def norm_differences(w: Writer) -> None:
         ("diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale.diff", f"{D}.attn.norm_q"),
         ("diffusion_model.double_blocks.0.txt_attn.norm.key_norm.scale.diff", f"{D}.attn.norm_added_k"),
         ("diffusion_model.single_blocks.0.norm.key_norm.diff", f"{S}.attn.norm_k"),
+        ("lycoris_single_transformer_blocks_0_attn_norm_q.w_norm", f"{S}.attn.norm_q"),  # LyCORIS "norm"
     ):
         w.file.norms[norm] = w.file.tensors[key] = w.rand(head)
     bias = w.file.tensors["diffusion_model.single_blocks.0.linear2.diff_b"] = w.rand(w.h)
