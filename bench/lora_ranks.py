@@ -22,8 +22,8 @@ import time
 
 import torch
 
+from flux_lora.lora.formulas import update_of
 from flux_lora.lora.slots import best_of_rank
-from flux_lora.lora.updates import update_of
 
 H, M = 3072, 12288
 

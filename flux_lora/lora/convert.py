@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from flux_lora.errors import InputError
+from flux_lora.lora.formulas import update_of
 from flux_lora.lora.layouts import Layout, detect
 from flux_lora.lora.names import GUIDANCE, ModuleNames, strip_prefixes, text_encoder_of
-from flux_lora.lora.updates import NORM_DIFF, Update, split_key, update_of
+from flux_lora.lora.updates import NORM_DIFF, Update, split_key
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry: the peft config, JSON
 
