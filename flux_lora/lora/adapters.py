@@ -192,7 +192,7 @@ class AdapterSet:
         merged = {
             module: update
             for module, update in converted.updates.items()
-            if update.dense_is_smaller and self.patches.mergeable(module)
+            if update.dense is not None and self.patches.mergeable(module)
         }
         low_rank = {
             module: update
@@ -202,7 +202,6 @@ class AdapterSet:
         biases = {
             module: update.bias for module, update in converted.updates.items() if update.bias is not None
         }
-        self.patches.check_biases(list(biases), f"{adapter.label}: {adapter.display}")
         if low_rank:
             self._load_low_rank(adapter, name, low_rank)
         self.patches.add(name, biases, merged, converted.norms)

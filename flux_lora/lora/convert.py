@@ -18,7 +18,7 @@ from flux_lora.errors import InputError
 from flux_lora.lora.formulas import update_of
 from flux_lora.lora.layouts import Layout, detect
 from flux_lora.lora.names import GUIDANCE, ModuleNames, strip_prefixes, text_encoder_of
-from flux_lora.lora.updates import NORM_DIFF, Update, split_key
+from flux_lora.lora.updates import NORM_DIFF, Update, halves_swapped, split_key
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry: the peft config, JSON
 
@@ -79,21 +79,15 @@ def convert(
     for module, group in groups.items():
         bare = strip_prefixes(module)
         targets = names.targets(bare)
+        norm = names.norm(bare) if targets is None else None
+        if targets is None and norm is None:
+            unmatched.append(module)
+            continue
         if names.device is not None and names.device.type != "meta":
             group = {role: tensor.to(names.device) for role, tensor in group.items()}
-        if targets is None and (norm := names.norm(bare)) is not None:
-            if norm in norms:
-                raise InputError(
-                    f"{where}: both {sources[norm]} and {module} update {norm}; a file that updates a "
-                    "layer twice is ambiguous. Ask its author for a file in one layout."
-                )
-            norms[norm], sources[norm] = (
-                _norm_difference(module, group, norm, names.norms[norm], where),
-                module,
-            )
-            continue
-        if targets is None:
-            unmatched.append(module)
+        if norm is not None:
+            _once(norm, module, sources, where)
+            norms[norm] = _norm_difference(module, group, norm, names.norms[norm], where)
             continue
         if absent := [t.module for t in targets if t.module not in names.linears]:
             if all(name.startswith(GUIDANCE) for name in absent):
@@ -107,7 +101,7 @@ def convert(
             """The file's layer as it was trained: its targets' weights by rows, in its order."""
             parts = [names.weight(t.module) for t in targets]
             return torch.cat(
-                [_swapped(w) if t.swap_halves else w for t, w in zip(targets, parts, strict=True)]
+                [halves_swapped(w) if t.swap_halves else w for t, w in zip(targets, parts, strict=True)]
             )
 
         update = update_of(module, group, _scale_for(bare, group, scales), where, fused_weight)
@@ -120,13 +114,9 @@ def convert(
             )
         for target in targets:
             part = update.rows(target.rows, target.swap_halves).to(names.dtype)
-            _check_shape(part, target.module, names.linears[target.module], module, where)
-            if target.module in updates:
-                raise InputError(
-                    f"{where}: both {sources[target.module]} and {module} update {target.module}; a file "
-                    "that updates a layer twice is ambiguous. Ask its author for a file in one layout."
-                )
-            updates[target.module], sources[target.module] = part, module
+            _check_shape(part, target.module, names, module, where)
+            _once(target.module, module, sources, where)
+            updates[target.module] = part
     if unmatched:
         sample = ", ".join(sorted(unmatched)[:3])
         if not updates and not norms:
@@ -156,14 +146,24 @@ def _norm_difference(
     return difference.float().flatten()
 
 
-def _swapped(weight: torch.Tensor) -> torch.Tensor:
-    first, second = weight.chunk(2)
-    return torch.cat([second, first])
+def _once(layer: str, module: str, sources: dict[str, str], where: str) -> None:
+    """Notes that the file's `module` updates `layer`; raises if another of its modules did."""
+    if layer in sources:
+        raise InputError(
+            f"{where}: both {sources[layer]} and {module} update {layer}; a file that updates a layer "
+            "twice is ambiguous. Ask its author for a file in one layout."
+        )
+    sources[layer] = module
 
 
-def _check_shape(part: Update, target: str, shape: tuple[int, int], module: str, where: str) -> None:
-    out_features, in_features = shape
+def _check_shape(part: Update, target: str, names: ModuleNames, module: str, where: str) -> None:
+    """The update fits the layer: its shape, and a bias update only where the layer has a bias."""
+    out_features, in_features = names.linears[target]
     inputs = part.in_features or in_features
+    if part.bias is not None and not names.has_bias(target):
+        raise InputError(
+            f"{where}: {module} updates the bias of {target}, which has none. Is it an adapter for FLUX.1?"
+        )
     if (part.out_features, inputs) == (out_features, in_features):
         return
     if target == "x_embedder" and inputs > in_features:

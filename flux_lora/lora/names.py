@@ -40,9 +40,10 @@ TEXT_ENCODERS = (
     ("T5", ("lora_te3_", "lora_te2_", "text_encoder_2.", "text_encoders.t5xxl.", "t5.", "te2.")),
     ("embeddings", ("bundle_emb.",)),
 )
-# BFL's norm names in an attention -> diffusers'.
-NORMS = {"img_attn.norm.query_norm": "norm_q", "img_attn.norm.key_norm": "norm_k"}
-NORMS |= {"txt_attn.norm.query_norm": "norm_added_q", "txt_attn.norm.key_norm": "norm_added_k"}
+# diffusers' attention norms -> BFL's names in a double block; a single block's are
+# `norm.query_norm` and `norm.key_norm`.
+NORMS = {"norm_q": "img_attn.norm.query_norm", "norm_k": "img_attn.norm.key_norm"}
+NORMS |= {"norm_added_q": "txt_attn.norm.query_norm", "norm_added_k": "txt_attn.norm.key_norm"}
 # Layers schnell does not have (it takes no guidance): a dev LoRA's update there cannot apply.
 GUIDANCE = "time_text_embed.guidance_embedder."
 
@@ -81,8 +82,19 @@ def norm_layers(transformer: torch.nn.Module) -> dict[str, int]:
     return {
         name: module.weight.shape[0]
         for name, module in transformer.named_modules()
-        if name.rsplit(".", 1)[-1] in NORMS.values() and getattr(module, "weight", None) is not None
+        if name.rsplit(".", 1)[-1] in NORMS and getattr(module, "weight", None) is not None
     }
+
+
+def base_layer(transformer: torch.nn.Module, module: str) -> torch.nn.Module:
+    """A layer of the model itself, under any peft adapter wrapping it."""
+    layer = transformer.get_submodule(module)
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+
+
+def quantized(weight: torch.Tensor) -> bool:
+    """Whether a weight is a tensor subclass that stands for another (torchao's fp8 tensor)."""
+    return type(weight.data) is not torch.Tensor and hasattr(weight.data, "dequantize")
 
 
 def linear_layers(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -113,15 +125,13 @@ class ModuleNames:
         self.norms = norms or {}
         self.norm_table = {}  # underscored name, in any spelling -> diffusers norm
         for norm in self.norms:
-            self.norm_table[underscored(norm)] = norm
             block, _, name = norm.partition(".attn.")
-            bfl = {v: k for k, v in NORMS.items()}[name]
-            if block.startswith("single_"):  # a single block's norm: `single_blocks.N.norm.query_norm`
-                bfl = "norm." + bfl.split(".norm.", 1)[1]
-            bfl_block = block.replace("single_transformer_blocks", "single_blocks").replace(
-                "transformer_blocks", "double_blocks"
-            )
-            self.norm_table[underscored(f"{bfl_block}.{bfl}")] = norm
+            kind, index = block.rsplit(".", 1)
+            if kind == "single_transformer_blocks":
+                bfl = f"single_blocks.{index}.norm.{NORMS[name].rsplit('.', 1)[1]}"
+            else:
+                bfl = f"double_blocks.{index}.{NORMS[name]}"
+            self.norm_table[underscored(norm)] = self.norm_table[underscored(bfl)] = norm
         self.transformer = transformer
         # A layer's weight before any update written into it (`ParameterPatches.original_weight`).
         self.pristine: Callable[[str], torch.Tensor | None] | None = None
@@ -149,12 +159,13 @@ class ModuleNames:
         """A layer's base weight in float32 (an fp8 weight dequantized): what DoRA normalises."""
         if self.pristine is not None and (original := self.pristine(module)) is not None:
             return original.detach().float()  # not another adapter's update written into it
-        layer = self.transformer.get_submodule(module)
-        weight = (layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight
-        data = weight.data
-        if type(data) is not torch.Tensor and hasattr(data, "dequantize"):  # torchao's fp8 tensor
+        data = base_layer(self.transformer, module).weight.data
+        if quantized(data):
             data = data.dequantize()
         return data.detach().float()
+
+    def has_bias(self, module: str) -> bool:
+        return base_layer(self.transformer, module).bias is not None
 
     def norm(self, module: str) -> str | None:
         """The diffusers norm a file's module name means (BFL's ComfyUI name may end in `.scale`,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from flux_lora.errors import InputError
+from flux_lora.lora.names import base_layer, quantized
 from flux_lora.lora.updates import Update
 
 WEIGHT, BIAS = "weight", "bias"
@@ -25,20 +25,10 @@ class ParameterPatches:
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
-        self.updates: dict[
-            str, dict[tuple[str, str], torch.Tensor | Update]
-        ] = {}  # owner -> (module, param) -> update
-        self.original: dict[
-            tuple[str, str], torch.Tensor
-        ] = {}  # (module, param) -> its value before any update
-
-    def check_biases(self, modules: list[str], where: str) -> None:
-        """Raises InputError, changing nothing, if any of `modules` has no bias to update."""
-        for module in modules:
-            if self._layer(module).bias is None:
-                raise InputError(
-                    f"{where} updates the bias of {module}, which has none. Is it an adapter for FLUX.1?"
-                )
+        # owner -> (module, parameter name) -> its update
+        self.updates: dict[str, dict[tuple[str, str], torch.Tensor | Update]] = {}
+        # (module, parameter name) -> its value before any update
+        self.original: dict[tuple[str, str], torch.Tensor] = {}
 
     def original_weight(self, module: str) -> torch.Tensor | None:
         """A layer's weight as it was before any update written into it, or None if none is."""
@@ -47,7 +37,7 @@ class ParameterPatches:
     def mergeable(self, module: str) -> bool:
         """Whether a weight update can be written into this layer's weight: a plain tensor, not an
         fp8 one (which would need quantizing again at every swap)."""
-        return type(self._layer(module).weight.data) is torch.Tensor
+        return not quantized(self._layer(module).weight)
 
     def add(
         self,
@@ -97,7 +87,7 @@ class ParameterPatches:
         """A weight update as kept until removed: its factors, or where they are larger than the
         weight (a full-rank LoKr, DoRA, a `.diff`), the dense update in the weight's own dtype and
         device (no more memory than the original it is kept beside)."""
-        if not update.dense_is_smaller:
+        if update.dense is None:
             return update
         weight = self._layer(module).weight
         return _dense(update, weight.device).to(weight.dtype)
@@ -107,8 +97,7 @@ class ParameterPatches:
         return getattr(self._layer(module), name)
 
     def _layer(self, module: str) -> torch.nn.Module:
-        layer = self.transformer.get_submodule(module)
-        return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        return base_layer(self.transformer, module)
 
 
 def _dense(update: torch.Tensor | Update, device: torch.device) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 
 from flux_lora.errors import ConfigError
 from flux_lora.lora.adapters import WantedAdapter, already_in_place, no_stop, read_lora
-from flux_lora.lora.names import ModuleNames
+from flux_lora.lora.names import ModuleNames, linear_layers
 from flux_lora.lora.patches import ParameterPatches
 from flux_lora.lora.updates import Update
 
@@ -61,9 +61,7 @@ class LoraSlots:
         """Adds the empty slots to `transformer`; call before compiling it."""
         from peft import LoraConfig, inject_adapter_in_model
 
-        linear = sorted(
-            name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)
-        )
+        linear = sorted(linear_layers(transformer))
         for slot in SLOTS:
             config = LoraConfig(
                 r=max_rank,
@@ -131,8 +129,6 @@ class LoraSlots:
         """The updates to write (in a slot, or into the weight above the slot's rank), and the
         norm differences."""
         converted = read_lora(adapter.path, adapter.label, adapter.display, self.names)
-        where = f"{adapter.label}: {adapter.display}"
-        self.patches.check_biases([m for m, u in converted.updates.items() if u.bias is not None], where)
         updates = {}
         errors = {}
         for path, update in converted.updates.items():

@@ -76,12 +76,6 @@ class Update:
         return 0 if self.down is None else self.down.shape[0]
 
     @property
-    def dense_is_smaller(self) -> bool:
-        """Whether the dense update (out x in) takes less memory, and a matrix product less work,
-        than factors would: a full-rank LoKr, DoRA, a `.diff`."""
-        return self.dense is not None
-
-    @property
     def out_features(self) -> int:
         return next(t for t in (self.dense, self.up, self.bias) if t is not None).shape[0]
 
@@ -120,10 +114,7 @@ class Update:
                 return None
             if rows is not None:
                 tensor = tensor[rows]
-            if swap_halves:
-                first, second = tensor.chunk(2, dim=0)
-                tensor = torch.cat([second, first], dim=0)
-            return tensor
+            return halves_swapped(tensor) if swap_halves else tensor
 
         return Update(take(self.up), self.down, take(self.bias), self.kinds, take(self.dense))
 
@@ -142,6 +133,13 @@ class Update:
         return (
             smaller_of(Update(up, down, bias, kinds)) if down is not None else Update(None, None, bias, kinds)
         )
+
+
+def halves_swapped(tensor: torch.Tensor) -> torch.Tensor:
+    """The two halves of a tensor's rows in the other order: BFL's final modulation is (shift,
+    scale), diffusers' `norm_out.linear` (scale, shift)."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
 
 
 def dense_is_smaller(out_features: int, in_features: int, rank: int) -> bool:

@@ -257,3 +257,12 @@ def test_a_file_for_another_model_names_its_keys(tmp_path):
         InputError, match=r"no key matches a FLUX transformer layer .*lora_unet_down_blocks_0"
     ):
         read_lora(str(path), "extra_lora", "sd15.safetensors", names)
+
+
+def test_a_bias_update_for_a_layer_without_a_bias_is_refused():
+    model = FluxTransformer2DModel(**tiny.TRANSFORMER)
+    model.proj_out.bias = None
+    with pytest.raises(InputError, match=r"final_layer.linear updates the bias of proj_out, which has none"):
+        convert(
+            {"diffusion_model.final_layer.linear.diff_b": torch.zeros(64)}, None, ModuleNames.of(model), "f"
+        )
