@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from demo_model import architecture, world
+from demo_model import architecture, positions, world
 from demo_model.flow import TextInputs
 from demo_model.train import Pool, Settings, Steps, Trainer
 from flux_lora import schema
@@ -127,6 +127,16 @@ class SizeTrainer(Trainer):
             for name, group in self.groups.items()
         }
 
+    def before_training(self, transformer) -> None:
+        """Train without the rotary pairs that repeat across the largest grid (demo_model.positions)."""
+        silenced = positions.silence_fast_pairs(transformer)
+        log.info(
+            "attention keys: %d of %d channels a head silenced (fast rotary pairs)",
+            silenced,
+            transformer.config.attention_head_dim,
+        )
+        self.record["silenced_channels_per_head"] = silenced
+
     def training_loss(self, transformer, variant: str, text: TextInputs, *, striped: bool) -> torch.Tensor:
         names = list(self.groups)
         weights = torch.tensor([self.groups[name].weight for name in names])
@@ -176,7 +186,15 @@ def train_sizes(root: Path, settings: Settings, steps: SizeSteps) -> dict:
     training = json.loads(record_path.read_text())
     stage = {
         key: trainer.record[key]
-        for key in ("pools", "transformer", "lora", "sizes_readings", "context", "stage_seconds")
+        for key in (
+            "pools",
+            "silenced_channels_per_head",
+            "transformer",
+            "lora",
+            "sizes_readings",
+            "context",
+            "stage_seconds",
+        )
         if key in trainer.record
     }
     stage["steps"] = dataclasses.asdict(steps)

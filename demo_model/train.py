@@ -398,6 +398,7 @@ class Trainer:
 
     def train_transformer(self, texts: dict[str, TextInputs]):
         dev = self.components["transformer"]
+        self.before_training(dev)
         twins = {"dev": dev, "schnell": architecture.schnell_twin(dev)}
         ema = copy.deepcopy(dev).requires_grad_(False)
         steps = self.settings.steps.transformer
@@ -420,6 +421,10 @@ class Trainer:
             "quality": self._log_quality("transformer final", ema),
         }
         return ema
+
+    def before_training(self, transformer) -> None:
+        """Called on the transformer (or the LoRA-wrapped copy) a stage trains, before its first
+        step. Stages 3 and 4 train it as it is; stage 6 (demo_model.sizes) constrains it."""
 
     def training_loss(self, transformer, variant: str, text: TextInputs, *, striped: bool) -> torch.Tensor:
         """One batch's flow-matching loss on the latent pool's plain or striped renders."""
@@ -476,6 +481,7 @@ class Trainer:
         styled.add_adapter(
             LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
         )
+        self.before_training(styled)
         twins = {"dev": styled, "schnell": architecture.schnell_twin(styled)}
         parameters = [p for p in styled.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.settings.lora_lr, weight_decay=0.0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from demo_model import architecture, quality, widen, world
+from demo_model import architecture, positions, quality, widen, world
 from flux_lora.models.layout import REPO_ROOT, ModelSource
 from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
@@ -137,6 +137,21 @@ def test_sizes_alone_retrains_the_transformers_and_the_lora_in_place(quick_model
     assert set(record["sizes"][-1]["pools"]) == {"256x256", "0.25 MP", "1 MP"}
     assert record["sizes"][-1]["steps"] == {"transformer": 3, "lora": 2}
     assert "sizes 1: sizes" in record["stage_seconds"]
+    # the fast rotary pairs stay silent in what was saved: both transformers and the LoRA
+    assert record["sizes"][-1]["silenced_channels_per_head"] == 8
+    from diffusers import FluxTransformer2DModel
+
+    for release in ("FLUX.1-dev", "FLUX.1-schnell"):
+        saved = FluxTransformer2DModel.from_pretrained(model / release / "transformer")
+        assert positions.silenced_rows_are_zero(saved), release
+    rows = positions.silent_channels(saved).repeat(saved.config.num_attention_heads)
+    ups = {
+        key: value
+        for key, value in load_file(model / architecture.LORA_FILE).items()
+        if key.endswith(("to_k.lora_B.weight", "add_k_proj.lora_B.weight"))
+    }
+    assert len(ups) == 6  # 2 double blocks x 2 key projections, 2 single blocks x 1
+    assert all(value[rows].abs().sum() == 0 and value[~rows].abs().sum() > 0 for value in ups.values())
 
 
 @pytest.mark.slow
