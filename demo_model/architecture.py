@@ -37,6 +37,7 @@ from flux_lora.testing.checkers import build_checkers
 
 IMAGE_SIZE = 256  # what the saved model draws: 64 tokens
 CORE_SIZE = 64  # what stages 1 to 4 train at, with CORE_VAE: the same 64 tokens
+PIXELS_PER_TOKEN = 32  # the 5-level VAE's factor of 16, then 2x2 packing
 CLIP_WIDTH = 64
 T5_WIDTH = 64
 # 2 double + 2 single blocks, width 128 = 4 heads x 32, rope axes summing to the head dim.

@@ -5,7 +5,7 @@ axis, channel pairs turn at 1, 0.22, 0.046, ... radians per token (theta 10000).
 position 0, so an image token's score against them tells it where it is. Trained at 8x8 tokens
 only, the demo model read its place from the fastest pair, which turns a full circle every 6.3
 tokens: on a 32x32 grid every 6.3 tokens look like the same place, and it drew the shape again at
-each (tiled blobs, `docs/` of the demo). A pair that turns more than half a circle across the
+each (tiled blobs: demo/README.md). A pair that turns more than half a circle across the
 longest grid the schema asks for (48 tokens: 1536 px) repeats or folds on it, so the sizes stage
 trains without those pairs: their key channels are zero in every attention layer and their
 gradients are held at zero, so the saved model has them zero too, and no score reads them. The
@@ -18,7 +18,11 @@ import math
 
 import torch
 
-LONGEST_SIDE_TOKENS = 1536 // 32  # the 21:9 preset's width at 1 megapixel, in packed tokens
+from demo_model.architecture import PIXELS_PER_TOKEN
+from flux_lora.schema import ASPECT_RATIOS
+
+# The longest side of any preset at 1 megapixel (21:9's 1536 px), in packed tokens: 48.
+LONGEST_SIDE_TOKENS = max(max(size) for size in ASPECT_RATIOS.values()) // PIXELS_PER_TOKEN
 KEY_PROJECTIONS = ("to_k", "add_k_proj")  # image keys; text keys in the double blocks
 
 
@@ -57,9 +61,7 @@ def silence_fast_pairs(transformer, longest_side: int = LONGEST_SIDE_TOKENS) -> 
     """Zero the key rows of the fast pairs' channels in every head, in the weights and biases and
     in any LoRA's up-projection on them, and hold their gradients at zero (AdamW then leaves them
     at zero). Returns the number of channels silenced per head."""
-    mask = silent_channels(transformer, longest_side)
-    heads = transformer.config.num_attention_heads
-    rows = mask.repeat(heads)  # output rows are head-major: head h's channel c is row h*dim + c
+    rows = _silent_rows(transformer, longest_side)
     for layer in key_layers(transformer):
         for parameter in _row_parameters(layer):
             keep = (~rows).to(parameter.device, parameter.dtype)
@@ -68,12 +70,12 @@ def silence_fast_pairs(transformer, longest_side: int = LONGEST_SIDE_TOKENS) -> 
                 parameter.mul_(keep)
             if parameter.requires_grad:
                 parameter.register_hook(lambda grad, keep=keep: grad * keep)
-    return int(mask.sum())
+    return int(silent_channels(transformer, longest_side).sum())
 
 
 def silenced_rows_are_zero(transformer, longest_side: int = LONGEST_SIDE_TOKENS) -> bool:
     """Whether every key projection (and LoRA on one) carries nothing on the fast pairs."""
-    rows = silent_channels(transformer, longest_side).repeat(transformer.config.num_attention_heads)
+    rows = _silent_rows(transformer, longest_side)
     return all(
         bool((parameter[rows.to(parameter.device)] == 0).all())
         for layer in key_layers(transformer)
@@ -81,10 +83,16 @@ def silenced_rows_are_zero(transformer, longest_side: int = LONGEST_SIDE_TOKENS)
     )
 
 
+def _silent_rows(transformer, longest_side: int) -> torch.Tensor:
+    """silent_channels over a key projection's output rows, which are head-major: head h's
+    channel c is row h * head_dim + c."""
+    return silent_channels(transformer, longest_side).repeat(transformer.config.num_attention_heads)
+
+
 def _row_parameters(layer: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters indexed by the layer's output rows: weight and bias, or, for a peft LoRA
     layer, its base layer's and every adapter's up-projection."""
-    base = getattr(layer, "base_layer", layer)
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
     parameters = [base.weight] + ([base.bias] if base.bias is not None else [])
     for up in getattr(layer, "lora_B", {}).values():
         parameters.append(up.weight)

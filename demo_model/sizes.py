@@ -77,7 +77,6 @@ GROUPS = {
 }
 TOKEN_BUDGET = 1024  # image tokens per training step
 FINE_TUNE_LR = 3e-4  # a third of stage 3's peak: this starts from trained weights
-PIXELS_PER_TOKEN = 32  # the 5-level VAE's factor of 16, then 2x2 packing
 ENCODE_CHUNK = 4  # renders per VAE call
 
 
@@ -93,7 +92,7 @@ QUICK_SIZES = SizeSteps(transformer=3, lora=2)
 
 def tokens_of(size: tuple[int, int]) -> int:
     width, height = size
-    return (width // PIXELS_PER_TOKEN) * (height // PIXELS_PER_TOKEN)
+    return (width // architecture.PIXELS_PER_TOKEN) * (height // architecture.PIXELS_PER_TOKEN)
 
 
 class SizeTrainer(Trainer):
