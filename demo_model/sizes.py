@@ -16,7 +16,8 @@ from the fastest rotary pair, which repeats every 6.3 tokens: at 1 megapixel it 
 again every 6.3 tokens (tiles). Fine-tuning with every pair (two runs, 71 minutes) left it drawing
 fragments. So this stage trains without the pairs that repeat across the largest grid
 (`demo_model/positions.py`). Runs on the 2-core CPU, two threads, from the committed weights, the
-share of scenes drawn all right (7 scenes, seed 0, [dev] / [schnell]):
+share of scenes drawn all right (7 scenes, seed 0, [dev] / [schnell]; minutes to the end of the
+transformer's steps, the 8-minute pool encoding included):
 
 | run | 256x256 | 320x768 | 512x512 | 1024x1024 | 640x1536 |
 |---|---|---|---|---|---|
@@ -27,8 +28,8 @@ share of scenes drawn all right (7 scenes, seed 0, [dev] / [schnell]):
 
 Silenced, it draws one shape near the centre at every size, no tiles; what fails is the outline
 (a cross with ragged arms, a lopsided triangle), and at 256x256 it has not yet won back the
-committed model's 1.0. The loss was still falling (0.0957 after the first run's 6000 steps, about
-0.07 at the end of the second). More steps are the next thing to try.
+committed model's 1.0. The loss was still falling (0.225 at step 1000, 0.0957 after the first run's 6000 steps,
+0.071 at the end of the second). More steps are the next thing to try.
 
 Each step draws a size group (GROUPS' weights), a size in it, and as many renders as make about
 TOKEN_BUDGET image tokens (16 at 256x256, 4 at a quarter megapixel, 1 at a megapixel), so a step
