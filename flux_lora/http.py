@@ -299,6 +299,13 @@ def unresolved(where: str, host: str, err: BaseException) -> DownloadError:
     )
 
 
+def endpoint_unresolved(where: str, endpoint: str, err: BaseException) -> DownloadError | None:
+    """`unresolved` for the host of the URL `endpoint` when `err` is a failed DNS lookup; else None."""
+    if name_resolution_failure(err) is None:
+        return None
+    return unresolved(where, urlsplit(endpoint).hostname or endpoint, err)
+
+
 RESOLUTION_FAILED = re.compile(
     r"Name or service not known|Temporary failure in name resolution|nodename nor servname provided"
     r"|No address associated with hostname|getaddrinfo failed"

@@ -30,11 +30,10 @@ from flux_lora.http import (
     SafeHttp,
     allowed_private_networks,
     decode_data_url,
+    endpoint_unresolved,
     is_public_address,
-    name_resolution_failure,
     status_message,
     too_large,
-    unresolved,
 )
 from flux_lora.interrupt import (
     DEFAULT_DOWNLOAD_LIMIT_S,
@@ -224,8 +223,8 @@ class LoraFetcher:
         except (httpx2.TransportError, OSError) as err:
             if isinstance(err, FluxLoraError):  # ours, already worded (a limit is a TimeoutError)
                 raise
-            if name_resolution_failure(err):
-                raise unresolved(repo_text, urlsplit(endpoint).hostname or endpoint, err) from err
+            if (failure := endpoint_unresolved(repo_text, endpoint, err)) is not None:
+                raise failure from err
             raise DownloadError(
                 f"{repo_text} could not be reached ({type(err).__name__}); try again"
             ) from err

@@ -32,10 +32,9 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from flux_lora.errors import DownloadError, FluxLoraError, ModelNotFoundError
-from flux_lora.http import name_resolution_failure, unresolved
+from flux_lora.http import endpoint_unresolved
 from flux_lora.models.files import (
     HF_CACHE,
     MARKER,
@@ -371,8 +370,8 @@ def _error(
         message = f"{where} was not found on {endpoint} (HTTP {status}); check HF_ENDPOINT"
     elif isinstance(err, HfHubHTTPError):
         message = f"{where}: {endpoint} answered HTTP {status}; run again later (complete files are kept)"
-    elif name_resolution_failure(err):
-        message = str(unresolved(where, urlsplit(endpoint).hostname or endpoint, err))
+    elif (failure := endpoint_unresolved(where, endpoint, err)) is not None:
+        message = str(failure)
     else:
         what = f"{file} " if file else ""
         message = (
