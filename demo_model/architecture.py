@@ -276,3 +276,10 @@ def _save_component(component: object, folder: Path) -> None:
         copy.deepcopy(component).to(torch.float16).save_pretrained(folder)
     else:
         component.save_pretrained(folder)
+    # A model loaded from a folder saves that folder's path as `_name_or_path`: a model folder
+    # that is committed must not carry the paths of the machine that trained it.
+    config = folder / "config.json"
+    if config.is_file():
+        settings = json.loads(config.read_text())
+        if settings.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")

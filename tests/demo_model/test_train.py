@@ -136,6 +136,8 @@ def test_sizes_alone_retrains_the_transformers_and_the_lora_in_place(quick_model
     record = json.loads((model / architecture.RECORD_FILE).read_text())
     assert set(record["sizes"][-1]["pools"]) == {"256x256", "0.25 MP", "1 MP"}
     assert record["sizes"][-1]["steps"] == {"transformer": 3, "lora": 2}
+    for config in model.glob("FLUX.1-*/*/config.json"):  # no path of the machine that trained it
+        assert "_name_or_path" not in json.loads(config.read_text()), config
     assert "sizes 1: sizes" in record["stage_seconds"]
     # the fast rotary pairs stay silent in what was saved: both transformers and the LoRA
     assert record["sizes"][-1]["silenced_channels_per_head"] == 8
