@@ -5,7 +5,7 @@ axis, channel pairs turn at 1, 0.22, 0.046, ... radians per token (theta 10000).
 position 0, so an image token's score against them tells it where it is. Trained at 8x8 tokens
 only, the demo model read its place from the fastest pair, which turns a full circle every 6.3
 tokens: on a 32x32 grid every 6.3 tokens look like the same place, and it drew the shape again at
-each (tiled blobs: demo/README.md). A pair that turns more than half a circle across the
+each (tiles: demo/README.md). A pair that turns more than half a circle across the
 longest grid the schema asks for (48 tokens: 1536 px) repeats or folds on it, so the sizes stage
 trains without those pairs: their key channels are zero in every attention layer and their
 gradients are held at zero, so the saved model has them zero too, and no score reads them. The

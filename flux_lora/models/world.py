@@ -1,6 +1,6 @@
 """What a small trained model knows, where its folder says so: the demo model's words and sizes.
 
-The demo model (`demo/`) draws one shape on a plain background, at the sizes it was trained at.
+The demo model (`demo/`) draws one shape on a plain background, at the sizes it was measured drawing.
 Any other prompt or size runs, but what it draws is not what was asked, so a prediction's log says
 so in one line. The demo's training writes `world.json` beside its releases; a real FLUX folder
 has none, and nothing here applies to it.
@@ -24,7 +24,7 @@ class ModelWorld:
     shapes: tuple[str, ...]
     colours: tuple[str, ...]
     backgrounds: tuple[str, ...]
-    sizes: frozenset[tuple[int, int]]  # (width, height) it was trained at
+    sizes: frozenset[tuple[int, int]]  # (width, height) it was measured drawing (quality.json)
     sizes_known: str  # those sizes in words, for the log line
 
     @classmethod
@@ -51,7 +51,7 @@ class ModelWorld:
         return len(words.shapes) == 1 and bool(words.coloured) and len(words.backgrounds) == 1
 
     def notes(self, prompt: str, size: tuple[int, int]) -> list[str]:
-        """One log line for a prompt outside the world, one for a size it never learned."""
+        """One log line for a prompt outside the world, one for a size it does not draw reliably."""
         found = []
         if not self.knows_prompt(prompt):
             shown = prompt if len(prompt) <= PROMPT_SHOWN else prompt[: PROMPT_SHOWN - 3] + "..."
@@ -62,8 +62,8 @@ class ModelWorld:
             )
         if size not in self.sizes:
             found.append(
-                f"Demo model: {size[0]}x{size[1]} is not a size it learned, so expect a rough picture. "
-                f"It knows {self.sizes_known}"
+                f"Demo model: {size[0]}x{size[1]} is not a size it draws reliably, so expect a rough picture. "
+                f"It draws {self.sizes_known}"
             )
         return found
 

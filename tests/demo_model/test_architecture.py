@@ -173,8 +173,12 @@ def test_the_committed_record_meets_its_targets():
     inpaint = record["inpaint"]
     assert inpaint["share_rest_within_round_trip"] >= 0.95
     assert inpaint["rest_error_mean"] < inpaint["vae_round_trip_error_mean"]
-    for model in ("dev", "schnell"):
-        assert record["lora"][model] == {"striped_at_scale_1": 1.0, "striped_at_scale_0": 0.0}
+    for model in ("dev", "schnell"):  # 42/44 and 39/44 striped at scale 1 (demo/README.md)
+        assert record["lora"][model]["striped_at_scale_1"] >= quality.DRAWN
+        assert record["lora"][model]["striped_at_scale_0"] == 0.0
+    # Stage 6: it draws 20 of the 22 preset sizes, the schema's default (1:1, 1 MP) among them.
+    drawn = quality.drawn_sizes(record)
+    assert (1024, 1024) in drawn and len(drawn - {(quality.SIZE, quality.SIZE)}) >= 20
     assert architecture.folder_size(DEMO) < 15_000_000
 
 
@@ -197,7 +201,7 @@ def test_a_prompt_or_size_outside_the_demo_world_gets_one_log_line(demo_server: 
     assert "prompted like 'a red circle on a blue background'" in outside["logs"]
     odd_size = {**BASE, "width": 800, "height": 608, "num_inference_steps": 2}
     logs = predict_ok(demo_server, **odd_size, prompt=SCENES[0].prompt)["logs"]
-    assert logs.count("Demo model: 800x608 is not a size it learned") == 1, logs
+    assert logs.count("Demo model: 800x608 is not a size it draws reliably") == 1, logs
     assert "outside what it knows" not in logs
     inside = predict_ok(
         demo_server, **{**BASE, "prompt": "TOK, " + SCENES[1].prompt, "num_inference_steps": 2}
