@@ -13,12 +13,8 @@ from pathlib import Path
 
 from flux_lora.models.files import missing_models
 from flux_lora.models.layout import DEMO_MODEL_DIR, TINY_MODEL_DIR, configured_model_dir
+from flux_lora.models.world import ModelWorld
 from flux_lora.testing import tiny
-
-DEMO_NOTICE = (
-    "using the trained demo model in {path}: it draws one shape on a plain background, e.g. "
-    '"a red circle on a blue background", at 256x256 (aspect_ratio=custom width=256 height=256)'
-)
 
 
 def model_dir_for_scripts(demo: Path = DEMO_MODEL_DIR) -> Path:
@@ -29,7 +25,19 @@ def model_dir_for_scripts(demo: Path = DEMO_MODEL_DIR) -> Path:
     if os.environ.get("FLUX_MODEL_DIR") or not missing_models(root):
         return root
     if not missing_models(demo):
-        print(f"No FLUX weights in {root}: {DEMO_NOTICE.format(path=demo)}.", file=sys.stderr)
+        print(f"No FLUX weights in {root}: {demo_notice(demo)}.", file=sys.stderr)
         return demo
     print(f"No FLUX weights in {root}: using the tiny random model (its images are noise).", file=sys.stderr)
     return tiny.build(TINY_MODEL_DIR)
+
+
+def demo_notice(demo: Path) -> str:
+    """What the demo model draws and at which sizes, from its world.json (what it was measured
+    drawing), so the notice cannot drift from the weights."""
+    known = ModelWorld.load(demo)
+    if known is None:
+        return f"using the trained demo model in {demo}"
+    return (
+        f"using the trained demo model in {demo}: it draws {known.description}, e.g. "
+        f'"{known.example}", at {known.sizes_known}'
+    )

@@ -130,7 +130,10 @@ def test_scripts_serve_the_demo_model_without_weights(
     monkeypatch.delenv("FLUX_MODEL_DIR", raising=False)
     monkeypatch.setattr(layout, "DEFAULT_MODEL_DIR", tmp_path / "weights")
     assert model_dir_for_scripts() == DEMO
-    assert "trained demo model" in capsys.readouterr().err
+    notice = capsys.readouterr().err
+    assert "trained demo model" in notice
+    # the sizes it draws, as its world.json says (not a size written into the notice)
+    assert f"at {json.loads((DEMO / 'world.json').read_text())['sizes_known']}." in notice
     # Without the demo model (a checkout that dropped it), the tiny random one, also said.
     assert model_dir_for_scripts(demo=tmp_path / "no-demo") == layout.TINY_MODEL_DIR
     assert "tiny random model" in capsys.readouterr().err
