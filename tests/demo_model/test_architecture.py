@@ -21,6 +21,7 @@ from demo_model.world import Scene
 from flux_lora.dev.cog_server import CogServer, bytes_to_data_uri
 from flux_lora.dev.model_choice import model_dir_for_scripts
 from flux_lora.models import layout
+from flux_lora.schema import ASPECT_RATIOS, MEGAPIXELS
 from tests.conftest import NO_SERVICES, image_data_uri, open_image, output_images, predict_ok
 
 DEMO = layout.DEMO_MODEL_DIR
@@ -176,12 +177,15 @@ def test_the_committed_record_meets_its_targets():
     inpaint = record["inpaint"]
     assert inpaint["share_rest_within_round_trip"] >= 0.95
     assert inpaint["rest_error_mean"] < inpaint["vae_round_trip_error_mean"]
-    for model in ("dev", "schnell"):  # 42/44 and 39/44 striped at scale 1 (demo/README.md)
+    for model in ("dev", "schnell"):  # 43/44 and 37/44 striped at scale 1 (demo/README.md)
         assert record["lora"][model]["striped_at_scale_1"] >= quality.DRAWN
         assert record["lora"][model]["striped_at_scale_0"] == 0.0
-    # Stage 6: it draws 20 of the 22 preset sizes, the schema's default (1:1, 1 MP) among them.
-    drawn = quality.drawn_sizes(record)
-    assert (1024, 1024) in drawn and len(drawn - {(quality.SIZE, quality.SIZE)}) >= 20
+    # Stage 6: it draws 256x256 and every preset size at both megapixels, 11 scenes a size.
+    from demo_model import sizes
+
+    every_preset = {sizes.preset_size(ratio, mp) for ratio in ASPECT_RATIOS for mp in MEGAPIXELS}
+    assert len(every_preset) == 22
+    assert quality.drawn_sizes(record) == {(SIZE, SIZE), *every_preset}
     assert architecture.folder_size(DEMO) < 15_000_000
 
 
@@ -236,3 +240,22 @@ def test_world_json_matches_the_world_and_its_prompts():
         assert not known.knows_prompt(prompt), prompt
         with pytest.raises(ValueError):
             world.parse_prompt(prompt)
+
+
+def test_the_sizes_a_model_draws_are_said_in_the_schema_words():
+    """world.json's sizes_known is what the server's log line and ./scripts/predict's notice say."""
+    from demo_model import sizes
+
+    every = {size for group in sizes.GROUPS.values() for size in group.sizes}
+    assert len(every) == 23  # 256x256 and 11 presets at each megapixels choice
+    assert sizes.sizes_in_words(every) == (
+        "256x256 (aspect_ratio=custom, width=256, height=256); "
+        "every aspect_ratio preset at megapixels=1 and 0.25"
+    )
+    tall_small = sizes.preset_size("9:21", "0.25")
+    assert tall_small == (320, 768)
+    assert sizes.sizes_in_words(every - {(SIZE, SIZE), tall_small}) == (
+        "at megapixels=1 every aspect_ratio preset; "
+        "at megapixels=0.25 1:1, 16:9, 21:9, 3:2, 2:3, 4:5, 5:4, 3:4, 4:3, 9:16"
+    )
+    assert sizes.sizes_in_words(set()) == "no size"

@@ -134,7 +134,7 @@ def test_sizes_alone_retrains_the_transformers_and_the_lora_in_place(quick_model
     assert (model / architecture.LORA_FILE).read_bytes() != before_lora
     assert json.loads((model / "world.json").read_text())["example"] == "a red circle on a blue background"
     record = json.loads((model / architecture.RECORD_FILE).read_text())
-    assert set(record["sizes"][-1]["pools"]) == {"256x256", "0.25 MP", "1 MP"}
+    assert set(record["sizes"][-1]["pools"]) == {"256x256", "0.25 MP", "1 MP", "9:21"}
     assert record["sizes"][-1]["steps"] == {"transformer": 3, "lora": 2}
     for config in model.glob("FLUX.1-*/*/config.json"):  # no path of the machine that trained it
         assert "_name_or_path" not in json.loads(config.read_text()), config
