@@ -17,9 +17,14 @@ for the committed model), as the server would run it:
   error is reported beside it);
 - the LoRA (stripes-lora.safetensors) through our AdapterSet: striped share at scale 1 and 0;
 - every size (`sizes`): txt2img of every SIZES_EVERY-th scene, one seed, at each aspect_ratio
-  preset at megapixels 0.25 and 1, [dev] and [schnell]: the share all right, per size.
+  preset at megapixels 0.25 and 1, [dev] and [schnell]: the share all right, per size. A size
+  counts as drawn (world.json) when both releases reach DRAWN.
 Writes a JSON record (default: quality.json beside the model) and prints it; `--part sizes`
-measures the sizes only and updates that part of the record.
+measures the sizes only and updates that part of the record. `--part wide [--ratios R ...]` is a
+wider look at chosen sizes, every scene with WIDE_SEEDS seeds, kept in the record's `wide` part
+apart from the sizes that decide what counts as drawn:
+
+    ./scripts/demo-quality --part wide --ratios 9:21 1:1 --threads 2
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ BOX_MARGIN = SIZE // 8  # px: the decoder spreads a latent's change about two la
 MIN_CHANGE = 20.0  # mean absolute change (0..255) that counts as repainted
 SIZES_EVERY = 4  # every 4th scene: 11 of 44, every shape, colour and background
 DRAWN = 0.8  # a size the model draws: this share of scenes all right, with both releases
+WIDE_SEEDS = 2  # --part wide: every scene with seeds 0 and 1, 88 images a size and release
 
 
 def measure(
@@ -90,9 +96,13 @@ def load(root: Path) -> FluxPipelines:
 
 
 def sizes(
-    pipelines: FluxPipelines, scenes: list[Scene], steps: dict, ratios: list[str] | None = None
+    pipelines: FluxPipelines,
+    scenes: list[Scene],
+    steps: dict,
+    ratios: list[str] | None = None,
+    seeds: int = 1,
 ) -> dict:
-    """Per `megapixels` choice and aspect ratio: the share of `scenes` drawn all right (seed 0)."""
+    """Per `megapixels` choice and aspect ratio: the share of `scenes` x `seeds` drawn all right."""
     found: dict[str, dict] = {}
     for megapixels, divisor in MEGAPIXELS.items():
         for ratio in ratios or ASPECT_RATIOS:
@@ -102,15 +112,16 @@ def sizes(
             for variant in steps:
                 verdicts = [
                     world.judge(
-                        pipelines.generate(request(scene, variant, steps[variant]), size=size, seed=0)[0],
+                        pipelines.generate(request(scene, variant, steps[variant]), size=size, seed=seed)[0],
                         scene,
                     )
+                    for seed in range(seeds)
                     for scene in scenes
                 ]
                 shares[variant] = _share(v.all_ok for v in verdicts)
             found.setdefault(f"{megapixels} MP", {})[f"{ratio} {size[0]}x{size[1]}"] = shares
             log.info("sizes: %s MP %s %dx%d: %s", megapixels, ratio, *size, shares)
-    return {"scenes": len(scenes), "seed": 0, **found}
+    return {"scenes": len(scenes), "seeds": seeds, **found}
 
 
 def drawn_sizes(record: dict) -> set[tuple[int, int]]:
@@ -284,23 +295,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="txt2img seeds per scene")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--record", type=Path, default=None, help="default: <model>/quality.json")
-    parser.add_argument("--part", choices=["all", "sizes"], default="all", help="sizes: only the sizes")
+    parser.add_argument(
+        "--part",
+        choices=["all", "sizes", "wide"],
+        default="all",
+        help=f"sizes: only the sizes; wide: every scene x {WIDE_SEEDS} seeds at --ratios",
+    )
+    parser.add_argument(
+        "--ratios",
+        nargs="+",
+        choices=list(ASPECT_RATIOS),
+        metavar="RATIO",
+        help="--part wide: the aspect ratios to look at, both megapixels (default: all 11)",
+    )
     parser.add_argument(
         "--write-world",
         action="store_true",
         help="rewrite the model's world.json with the sizes measured drawn (the server logs the others)",
     )
     args = parser.parse_args(argv)
+    if args.ratios and args.part != "wide":
+        parser.error("--ratios: only --part wide looks at chosen sizes; the other parts measure every size")
+    if args.write_world and args.part == "wide":
+        parser.error("--write-world: --part wide does not decide what is drawn; use --part sizes or all")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     path = args.record or args.model / "quality.json"
-    if args.part == "sizes":
-        started = time.perf_counter()
+    started = time.perf_counter()
+    if args.part == "all":
+        record = measure(args.model, args.seeds)
+    else:  # one part, into the record as it stands
         record = json.loads(path.read_text()) if path.is_file() else {"model": str(args.model)}
+    if args.part == "sizes":
         record["sizes"] = sizes(load(args.model), world.all_scenes()[::SIZES_EVERY], STEPS)
         record["sizes"]["seconds"] = round(time.perf_counter() - started, 1)
-    else:
-        record = measure(args.model, args.seeds)
+    if args.part == "wide":
+        looked = sizes(load(args.model), world.all_scenes(), STEPS, args.ratios, WIDE_SEEDS)
+        wide = record.setdefault("wide", {})
+        for megapixels in MEGAPIXELS:  # sizes looked at before, and not now, keep their figures
+            wide[f"{megapixels} MP"] = {**wide.get(f"{megapixels} MP", {}), **looked[f"{megapixels} MP"]}
+        wide.update(scenes=looked["scenes"], seeds=looked["seeds"])
+        log.info("wide: %.0f s", time.perf_counter() - started)
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
     if args.write_world:

@@ -162,6 +162,7 @@ def test_quality_bench_runs_on_the_quick_model(quick_model: Path):
         quick_model, seeds=1, scenes=world.all_scenes()[:1], steps={"dev": 2, "schnell": 1}, ratios=["21:9"]
     )
     assert set(record) >= {"txt2img", "img2img", "inpaint", "lora", "sizes"}
+    assert (record["sizes"]["scenes"], record["sizes"]["seeds"]) == (1, 1)
     assert set(record["sizes"]["1 MP"]) == {"21:9 1536x640"}
     assert set(record["sizes"]["0.25 MP"]["21:9 768x320"]) == {"dev", "schnell"}
     assert set(record["txt2img"]) == {"dev", "schnell"}
