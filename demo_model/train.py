@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         metavar="MODEL_DIR",
         help="stage 6 alone, in place: the transformer and the LoRA at every preset size "
-        "(experimental, see demo_model/sizes.py); --transformer-steps, --lora-steps, --lr set it",
+        "(see demo_model/sizes.py); --transformer-steps, --lora-steps, --lr set it",
     )
     parser.add_argument(
         "--widen",
@@ -749,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sizes:
         Trainer(settings).run()
         return 0
-    # Stage 6 runs only when asked: it has not yet made weights good enough to commit (sizes.py).
+    # Stage 6 runs only when asked, on a saved model: each run starts from the one before (sizes.py).
     from demo_model import sizes  # it builds on this module's Trainer
 
     base6 = sizes.QUICK_SIZES if args.quick else sizes.FULL_SIZES
