@@ -6,7 +6,6 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from flux_lora.lora.slots import MAX_RANK_ENV, max_rank_from_env
 from flux_lora.models.layout import DEFAULT_MODEL_DIR
 from flux_lora.models.locate import locate_models
 from flux_lora.models.world import ModelWorld
-from flux_lora.output import save_images
+from flux_lora.output import new_output_root, save_images
 from flux_lora.pipeline import FluxPipelines, release_memory
 from flux_lora.safety import SafetyChecker
 from flux_lora.schema import (
@@ -101,12 +100,11 @@ class FluxLoraService:
             )
         safety = SafetyChecker.load(source.root, pipelines.device, pipelines.dtype)
         fetcher = LoraFetcher.from_env(LoraCache.from_env(DEFAULT_CACHE_DIR))
-        output_root = Path(tempfile.mkdtemp(prefix="flux-lora-out-"))
         inspect_file = os.environ.get(INSPECT_FILE_ENV, "").strip()
         service = cls(
             pipelines,
             safety,
-            output_root,
+            new_output_root(),
             fetcher,
             trained,
             Path(inspect_file) if inspect_file else None,

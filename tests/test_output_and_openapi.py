@@ -1,5 +1,8 @@
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -10,7 +13,7 @@ from flux_lora.dev import openapi
 from flux_lora.dev.client import failure_text, parse_inputs
 from flux_lora.dev.cog_server import CogServer
 from flux_lora.models.layout import REPO_ROOT
-from flux_lora.output import save_images
+from flux_lora.output import OUTPUT_ROOT_PREFIX, new_output_root, save_images
 
 PREDICTORS = ["Predictor", "FirstReleasePredictor", "GoFastPredictor"]
 
@@ -20,6 +23,39 @@ def test_files_are_named_out_n(tmp_path):
     paths = save_images(images, tmp_path, "jpg", 80)
     assert [p.name for p in paths] == ["out-0.jpg", "out-1.jpg", "out-2.jpg"]
     assert Image.open(paths[2]).format == "JPEG"
+
+
+def test_a_server_start_removes_the_output_folders_of_servers_that_were_stopped(tmp_path):
+    """coglet stops its worker with SIGTERM, which runs no cleanup: the next start removes the
+    folder (and the last prediction's files in it); folders of live processes stay."""
+    stopped = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from flux_lora.output import new_output_root; "
+            "root = new_output_root(Path(sys.argv[1])); (root / 'out-0.webp').write_bytes(b'x'); "
+            "print(root, flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    stopped_root = tmp_path / os.path.basename(stopped.stdout.readline().strip())
+    assert (stopped_root / "out-0.webp").is_file()
+    stopped.send_signal(signal.SIGTERM)
+    stopped.wait(timeout=10)
+    assert stopped_root.is_dir()  # nothing ran at exit
+    alive = tmp_path / f"{OUTPUT_ROOT_PREFIX}{os.getppid()}-abc"
+    without_pid = tmp_path / f"{OUTPUT_ROOT_PREFIX}k3x9a2"  # as servers named them before
+    for folder in (alive, without_pid):
+        folder.mkdir()
+
+    root = new_output_root(tmp_path)
+
+    assert root.name.startswith(f"{OUTPUT_ROOT_PREFIX}{os.getpid()}-") and root.is_dir()
+    assert not stopped_root.exists()
+    assert alive.is_dir() and without_pid.is_dir()
 
 
 def test_predict_py_holds_the_canonical_predictor_and_two_variants():
