@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from flux_lora.device.tensors import module_bytes
 from flux_lora.errors import FluxLoraError
 from flux_lora.interrupt import Interrupt
 from flux_lora.lora.slots import LoraSlots
+from flux_lora.models.identical import same_files
 from flux_lora.models.layout import RELEASES, ModelSource
 from flux_lora.schema import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, resolve_size
 
@@ -320,7 +320,7 @@ def _load_components(
     for name, component_class in classes.items():
         if reusable is not None and name in SHAREABLE:
             dev_folder = source.release_dir("dev") / name
-            if folder_digest(dev_folder) == folder_digest(folder / name):
+            if same_files(dev_folder, folder / name):
                 components[name] = reusable[name]
                 log.info("  %s/%s: identical to FLUX.1-dev's, shared", folder.name, name)
                 continue
@@ -374,14 +374,3 @@ def _assemble(name: str, components: dict[str, object]) -> Variant:
     for pipe in (variant.txt2img, variant.img2img, variant.inpaint):
         pipe.set_progress_bar_config(disable=True)
     return variant
-
-
-def folder_digest(folder: Path) -> str:
-    """SHA-256 over a folder's relative file names and contents."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()

@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from flux_lora.models import identical
+from flux_lora.models.identical import same_files
 from flux_lora.models.layout import ModelSource
 from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
@@ -40,6 +42,32 @@ def test_components_that_differ_on_disk_are_not_shared(tmp_path, tiny_model_dir)
     assert dev.vae is not schnell.vae
     assert schnell.vae.config.shift_factor == 0.2
     assert dev.text_encoder is schnell.text_encoder
+
+
+def test_a_weights_file_of_the_same_size_with_other_bytes_is_not_shared(tmp_path, tiny_model_dir):
+    copy = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, copy)
+    weights = copy / "FLUX.1-schnell" / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor
+    weights.write_bytes(data)
+    assert not same_files(copy / "FLUX.1-dev" / "vae", copy / "FLUX.1-schnell" / "vae")
+    assert same_files(copy / "FLUX.1-dev" / "text_encoder", copy / "FLUX.1-schnell" / "text_encoder")
+
+
+def test_hard_linked_files_are_the_same_without_reading_them(tmp_path, tiny_model_dir, monkeypatch):
+    """As download-weights leaves them: schnell's VAE files are links to dev's."""
+    copy = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, copy)
+    for path in (copy / "FLUX.1-schnell" / "vae").iterdir():
+        path.unlink()
+        path.hardlink_to(copy / "FLUX.1-dev" / "vae" / path.name)
+
+    def no_reading(*paths):
+        raise AssertionError(f"read {paths}")
+
+    monkeypatch.setattr(identical, "_same_bytes", no_reading)
+    assert same_files(copy / "FLUX.1-dev" / "vae", copy / "FLUX.1-schnell" / "vae")
 
 
 def test_same_seed_same_pixels_in_process(pipelines):

@@ -12,8 +12,10 @@ a file complete there is not fetched again by a later run, not even asked about 
 the same run with a Range request from the last whole chunk written (10 MB); a run that is killed
 loses only the files in flight, whose partial copies the next run deletes and fetches again.
 Once every file is there the folder is checked, marked complete (`.flux-lora-complete`, listing
-the files and sizes) and renamed into place, so a folder under FLUX_MODEL_DIR never holds a
-partial download. Tokens never reach a message or a log.
+the files, their sizes and the content ids the Hub listed: LFS SHA-256 or git blob id) and renamed
+into place, so a folder under FLUX_MODEL_DIR never holds a partial download. A file whose content
+id a complete folder there already holds (FLUX.1-schnell's text encoders, tokenizers and VAE are
+FLUX.1-dev's, 9.9 GB) is hard-linked from it, not fetched. Tokens never reach a message or a log.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from flux_lora.models.files import (
     folders_in_scope,
     is_complete,
     missing_models,
+    recorded_ids,
     select_files,
     verify_models,
 )
@@ -72,6 +75,7 @@ class RepoPlan:
     repo_id: str
     revision: str  # the commit every file is fetched at
     files: dict[str, int | None]  # the selection: path -> size when the Hub reports it
+    ids: dict[str, str]  # path -> content id ("sha256:..." for LFS, else "blob:<git oid>"), when listed
     skipped: list[str]
     gated: bool
 
@@ -143,10 +147,19 @@ def _plan(folder: str, token: str | None, endpoint: str) -> RepoPlan:
         raise _error(err, folder, token, endpoint, gated=folder == RELEASES["dev"]) from err
     if not info.sha:
         raise DownloadError(f"{folder}: {endpoint} gave no commit for {repo}; check HF_ENDPOINT")
-    sizes = {s.rfilename: s.size for s in info.siblings or []}
-    chosen = select_files(folder, sizes)
-    skipped = sorted(set(sizes) - set(chosen))
-    return RepoPlan(folder, repo, info.sha, {n: sizes[n] for n in chosen}, skipped, bool(info.gated))
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    chosen = select_files(folder, siblings)
+    ids = {name: content_id for name in chosen if (content_id := _content_id(siblings[name]))}
+    skipped = sorted(set(siblings) - set(chosen))
+    files = {name: siblings[name].size for name in chosen}
+    return RepoPlan(folder, repo, info.sha, files, ids, skipped, bool(info.gated))
+
+
+def _content_id(sibling) -> str | None:
+    """What the Hub says identifies a file's bytes: its LFS SHA-256, else its git blob id."""
+    if sibling.lfs is not None:
+        return f"sha256:{sibling.lfs.sha256}"
+    return f"blob:{sibling.blob_id}" if sibling.blob_id else None
 
 
 def _check_access(plan: RepoPlan, token: str | None, endpoint: str) -> None:
@@ -190,7 +203,11 @@ def _log_plans(plans: list[RepoPlan], root: Path) -> None:
             log.info("  not fetched (the pipeline does not load them): %s", shown)
     sizes = [p.size for p in plans]
     total = None if None in sizes else sum(sizes)
-    log.info("To fetch into %s: %s (files already complete there are not fetched again)", root, size(total))
+    log.info(
+        "To fetch into %s: at most %s (files complete there, or in another folder there, are not fetched again)",
+        root,
+        size(total),
+    )
 
 
 @contextmanager
@@ -225,7 +242,8 @@ def _download(plan: RepoPlan, root: Path, token: str | None, endpoint: str, prog
     # unique to the run that wrote them); under the lock no other run is writing one.
     for orphan in (staging / HF_CACHE).rglob("*.incomplete"):
         orphan.unlink(missing_ok=True)
-    _fetch(plan, staging, token, endpoint, progress)
+    linked = _link_identical(plan, staging, root)
+    _fetch(plan, [name for name in plan.files if name not in linked], staging, token, endpoint, progress)
     shutil.rmtree(staging / HF_CACHE, ignore_errors=True)
     try:
         check_folder(staging, plan.folder)
@@ -233,21 +251,57 @@ def _download(plan: RepoPlan, root: Path, token: str | None, endpoint: str, prog
         raise DownloadError(
             f"{plan.folder}: the files fetched from {plan.repo_id} do not check out: {err}"
         ) from err
-    marker = {"repo": plan.repo_id, "revision": plan.revision, "files": plan.files}
+    marker = {"repo": plan.repo_id, "revision": plan.revision, "files": plan.files, "ids": plan.ids}
     (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     staging.rename(final)
     log.info("%s: complete in %s (%.0f s)", plan.folder, final, time.monotonic() - started)
 
 
-def _fetch(plan: RepoPlan, staging: Path, token: str | None, endpoint: str, progress: bool) -> None:
-    """Every file of the plan into `staging`, WORKERS at a time, one progress bar for the folder."""
+def _link_identical(plan: RepoPlan, staging: Path, root: Path) -> set[str]:
+    """Files of `plan` that a complete folder under `root` holds with the same content id and
+    size, hard-linked into `staging`: the names linked (none where the file system refuses)."""
+    holders: dict[str, Path] = {}
+    for folder in MODEL_REPOS:
+        if folder != plan.folder:
+            for name, content_id in recorded_ids(root / folder).items():
+                holders.setdefault(content_id, root / folder / name)
+    linked: dict[str, int] = {}
+    for name, content_id in plan.ids.items():
+        source = holders.get(content_id)
+        size = plan.files[name]
+        if source is None or size is None or source.stat().st_size != size:
+            continue
+        target = staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.unlink(missing_ok=True)
+            os.link(source, target)
+        except OSError as err:
+            log.info("%s: could not link %s to %s (%s): fetching it", plan.folder, name, source, err.strerror)
+            continue
+        linked[name] = size
+    if linked:
+        sources = sorted({holders[plan.ids[name]].relative_to(root).parts[0] for name in linked})
+        log.info(
+            "%s: %d file(s), %.1f GB, the same as in %s: linked, not fetched",
+            plan.folder, len(linked), sum(linked.values()) / 1e9, ", ".join(sources),
+        )  # fmt: skip
+    return set(linked)
+
+
+def _fetch(
+    plan: RepoPlan, names: list[str], staging: Path, token: str | None, endpoint: str, progress: bool
+) -> None:
+    """The plan's files `names` into `staging`, WORKERS at a time, one progress bar for the folder."""
     import httpx2
     from huggingface_hub import hf_hub_download
     from tqdm.auto import tqdm
 
     bar = None
     if progress:
-        bar = tqdm(total=plan.size, desc=plan.folder, unit="B", unit_scale=True)
+        sizes = [plan.files[name] for name in names]
+        total = None if None in sizes else sum(sizes)
+        bar = tqdm(total=total, desc=plan.folder, unit="B", unit_scale=True)
     lock = threading.Lock()
 
     def fetch_one(name: str) -> None:
@@ -281,7 +335,7 @@ def _fetch(plan: RepoPlan, staging: Path, token: str | None, endpoint: str, prog
     pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="download-weights")
     interrupted = False
     try:
-        futures = [pool.submit(fetch_one, name) for name in plan.files]
+        futures = [pool.submit(fetch_one, name) for name in names]
         # Wait in slices, so Python's signal handlers (Ctrl-C) run within SIGNAL_CHECK_S even if
         # the kernel hands the signal to a download thread rather than to this one.
         pending = futures

@@ -68,6 +68,19 @@ def is_complete(path: Path, folder: str) -> bool:
     return not _layout_problems(path, folder)  # a folder put there by hand
 
 
+def recorded_ids(path: Path) -> dict[str, str]:
+    """The content ids the marker of a complete folder records (download-weights writes them):
+    relative path -> id. Empty for an incomplete folder, one put there by hand, or an older marker."""
+    try:
+        ids = json.loads((path / MARKER).read_text()).get("ids", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    folder = path.name
+    if not isinstance(ids, dict) or not is_complete(path, folder):
+        return {}
+    return {name: content_id for name, content_id in ids.items() if isinstance(content_id, str)}
+
+
 def _has_size(path: Path, size: int | None) -> bool:
     return path.is_file() and (size is None or path.stat().st_size == size)
 

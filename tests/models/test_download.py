@@ -199,10 +199,16 @@ def test_download_into_an_empty_folder_then_load(hub, sources, tmp_path, capfd):
     assert_same_files(root, sources)
     verify_models(root, load=True)
     assert sorted(p.name for p in root.iterdir()) == sorted(MODEL_REPOS)  # no staging, no .cache left
-    # One listing per repo; every file the pipeline loads fetched once; no decoy asked for.
+    # One listing per repo; every file the pipeline loads fetched once, but those of FLUX.1-schnell
+    # that FLUX.1-dev has (their content ids match): hard links to dev's. No decoy asked for.
     assert hub.count(r"/api/models/.*") == len(MODEL_REPOS)
+    as_dev = {name for name, data in sources[SCHNELL].items() if sources[DEV].get(name) == data}
+    assert {"text_encoder_2/model.safetensors", "vae/diffusion_pytorch_model.safetensors"} <= as_dev
+    assert TRANSFORMER not in as_dev
     fetched = gets(hub)
-    assert sorted(fetched) == sorted(resolve_path(f, name) for f in MODEL_REPOS for name in sources[f])
+    wanted = [(f, name) for f in MODEL_REPOS for name in sources[f] if not (f == SCHNELL and name in as_dev)]
+    assert sorted(fetched) == sorted(resolve_path(f, name) for f, name in wanted)
+    assert all((root / SCHNELL / name).samefile(root / DEV / name) for name in as_dev)
     assert not [s.path for s in hub.seen if re.fullmatch(DECOY_PATHS, s.path)]
     bars = capfd.readouterr().err
     assert "FLUX.1-dev" in bars and "100%" in bars, bars
@@ -212,13 +218,27 @@ def test_download_into_an_empty_folder_then_load(hub, sources, tmp_path, capfd):
     download_models(root, token=TOKEN, endpoint=hub.url)
     assert len(hub.seen) == before
 
-    # A file lost from a complete folder: the folder is missing again, and only that file is fetched.
+    # A file lost from a complete folder: the folder is missing again, and only that file is
+    # fetched; or linked again, where the other release has it.
+    (root / SCHNELL / TRANSFORMER).unlink()
     (root / SCHNELL / "vae/diffusion_pytorch_model.safetensors").unlink()
     assert missing_models(root) == [SCHNELL]
     download_models(root, token=TOKEN, endpoint=hub.url, progress=False)
-    assert gets(hub, before) == [resolve_path(SCHNELL, "vae/diffusion_pytorch_model.safetensors")]
+    assert gets(hub, before) == [resolve_path(SCHNELL, TRANSFORMER)]
     assert missing_models(root) == []
     assert_same_files(root, sources)
+
+
+def test_without_content_ids_in_the_listing_every_file_is_fetched(plain_hub, sources, tmp_path):
+    """A listing that gives names only says nothing of what is the same: nothing is linked."""
+    root = tmp_path / "weights"
+    download_models(root, token=TOKEN, endpoint=plain_hub.url, folders=[DEV, SCHNELL], progress=False)
+    fetched = gets(plain_hub)
+    assert sorted(fetched) == sorted(resolve_path(f, name) for f in (DEV, SCHNELL) for name in sources[f])
+    assert not (root / SCHNELL / "vae/diffusion_pytorch_model.safetensors").samefile(
+        root / DEV / "vae/diffusion_pytorch_model.safetensors"
+    )
+    assert_same_files(root, sources, [DEV, SCHNELL])
 
 
 def test_gated_repo_without_token_fails_before_fetching_anything(plain_hub, sources, tmp_path, caplog):

@@ -1,14 +1,14 @@
 import json
 
+from flux_lora.models.identical import same_files
 from flux_lora.models.layout import RELEASES
-from flux_lora.pipeline import folder_digest
 from flux_lora.testing import tiny
 
 
 def test_rebuilding_gives_identical_files(tmp_path, tiny_model_dir):
     rebuilt = tiny.build(tmp_path / "tiny")
     for release in RELEASES.values():
-        assert folder_digest(rebuilt / release) == folder_digest(tiny_model_dir / release)
+        assert same_files(rebuilt / release, tiny_model_dir / release)
 
 
 def test_layout_matches_the_real_repos(tiny_model_dir):
