@@ -29,7 +29,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -81,8 +81,13 @@ class RepoPlan:
 
     @property
     def size(self) -> int | None:
-        sizes = list(self.files.values())
-        return None if None in sizes else sum(sizes)
+        return _total(self.files.values())
+
+
+def _total(sizes: Iterable[int | None]) -> int | None:
+    """The sum of `sizes`, or None when any is unknown."""
+    sizes = list(sizes)
+    return None if None in sizes else sum(sizes)
 
 
 # --- downloading -----------------------------------------------------------------------------
@@ -196,13 +201,11 @@ def _log_plans(plans: list[RepoPlan], root: Path) -> None:
         for name, n in plan.files.items():
             groups.setdefault(name.split("/")[0] + ("/" if "/" in name else ""), []).append(n)
         for group, sizes in sorted(groups.items()):
-            total = None if None in sizes else sum(sizes)
-            log.info("  %-24s %3d file(s)  %s", group, len(sizes), size(total))
+            log.info("  %-24s %3d file(s)  %s", group, len(sizes), size(_total(sizes)))
         if plan.skipped:
             shown = ", ".join(plan.skipped[:8]) + (", ..." if len(plan.skipped) > 8 else "")
             log.info("  not fetched (the pipeline does not load them): %s", shown)
-    sizes = [p.size for p in plans]
-    total = None if None in sizes else sum(sizes)
+    total = _total(p.size for p in plans)
     log.info(
         "To fetch into %s: at most %s (files complete there, or in another folder there, are not fetched again)",
         root,
@@ -299,8 +302,7 @@ def _fetch(
 
     bar = None
     if progress:
-        sizes = [plan.files[name] for name in names]
-        total = None if None in sizes else sum(sizes)
+        total = _total(plan.files[name] for name in names)
         bar = tqdm(total=total, desc=plan.folder, unit="B", unit_scale=True)
     lock = threading.Lock()
 

@@ -58,27 +58,30 @@ def verify_models(
 
 
 def is_complete(path: Path, folder: str) -> bool:
-    marker = path / MARKER
-    if marker.is_file():
-        try:
-            files = json.loads(marker.read_text())["files"]
-            return all(_has_size(path / name, size) for name, size in files.items())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return False
+    if (path / MARKER).is_file():
+        return _complete_marker(path) is not None
     return not _layout_problems(path, folder)  # a folder put there by hand
 
 
 def recorded_ids(path: Path) -> dict[str, str]:
     """The content ids the marker of a complete folder records (download-weights writes them):
     relative path -> id. Empty for an incomplete folder, one put there by hand, or an older marker."""
-    try:
-        ids = json.loads((path / MARKER).read_text()).get("ids", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    folder = path.name
-    if not isinstance(ids, dict) or not is_complete(path, folder):
+    marker = _complete_marker(path)
+    ids = marker.get("ids") if marker is not None else None
+    if not isinstance(ids, dict):
         return {}
     return {name: content_id for name, content_id in ids.items() if isinstance(content_id, str)}
+
+
+def _complete_marker(path: Path) -> dict | None:
+    """The folder's marker when every file it lists is there at its recorded size, else None."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        if all(_has_size(path / name, size) for name, size in marker["files"].items()):
+            return marker
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
 
 
 def _has_size(path: Path, size: int | None) -> bool:
