@@ -16,6 +16,7 @@ the files, their sizes and the content ids the Hub listed: LFS SHA-256 or git bl
 into place, so a folder under FLUX_MODEL_DIR never holds a partial download. A file whose content
 id a complete folder there already holds (FLUX.1-schnell's text encoders, tokenizers and VAE are
 FLUX.1-dev's, 9.9 GB) is hard-linked from it, not fetched. Tokens never reach a message or a log.
+What is said to the Hub, and the error for each way it fails, is in `models.hub`.
 """
 
 from __future__ import annotations
@@ -29,14 +30,12 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 
 from flux_lora.errors import DownloadError, FluxLoraError, ModelNotFoundError
-from flux_lora.http import endpoint_unresolved
 from flux_lora.models.files import (
     HF_CACHE,
     MARKER,
@@ -46,49 +45,23 @@ from flux_lora.models.files import (
     is_complete,
     missing_models,
     recorded_ids,
-    select_files,
     verify_models,
 )
-from flux_lora.models.layout import RELEASES
+from flux_lora.models.hub import (
+    RepoPlan,
+    check_access,
+    endpoint_url,
+    fetch_file,
+    list_repo,
+    progress_class,
+    total_size,
+)
 
 log = logging.getLogger("flux_lora.models.download")  # also when run as __main__
 
 STAGING = ".downloads"
 WORKERS = 8
-TIMEOUT_S = 60.0
 SIGNAL_CHECK_S = 0.2
-
-GATED = (
-    "{folder} ({repo}) is gated and no HF_TOKEN is set. Accept its licence on its Hugging Face page, "
-    "{page}, then set HF_TOKEN to a read token of that account ({endpoint}/settings/tokens) and run again."
-)
-REFUSED = (
-    "{folder} ({repo}) refused: the token's account has not accepted the {folder} licence, or the token "
-    "is invalid (HTTP {status}). Accept the licence on {page} with the account HF_TOKEN belongs to, or "
-    "check the token at {endpoint}/settings/tokens."
-)
-
-
-@dataclass(frozen=True)
-class RepoPlan:
-    folder: str
-    repo_id: str
-    revision: str  # the commit every file is fetched at
-    files: dict[str, int | None]  # the selection: path -> size when the Hub reports it
-    ids: dict[str, str]  # path -> content id ("sha256:..." for LFS, else "blob:<git oid>"), when listed
-    skipped: list[str]
-    gated: bool
-
-    @property
-    def size(self) -> int | None:
-        return _total(self.files.values())
-
-
-def _total(sizes: Iterable[int | None]) -> int | None:
-    """The sum of `sizes`, or None when any is unknown."""
-    sizes = list(sizes)
-    return None if None in sizes else sum(sizes)
-
 
 # --- downloading -----------------------------------------------------------------------------
 
@@ -107,7 +80,7 @@ def download_models(
     missing or refused token fails at once. Raises DownloadError with the reason and the fix."""
     root = Path(root)
     token = (token if token is not None else os.environ.get("HF_TOKEN", "")).strip() or None
-    endpoint = _endpoint(endpoint)
+    endpoint = endpoint_url(endpoint)
     missing = set(missing_models(root))
     todo = [f for f in folders_in_scope(folders) if f in missing]
     for folder in folders_in_scope(folders):
@@ -115,9 +88,9 @@ def download_models(
             log.info("%s: already complete in %s", folder, root)
     if not todo:
         return
-    plans = [_plan(folder, token, endpoint) for folder in todo]
+    plans = [list_repo(folder, token, endpoint) for folder in todo]
     for plan in plans:
-        _check_access(plan, token, endpoint)
+        check_access(plan, token, endpoint)
     _log_plans(plans, root)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
@@ -128,59 +101,6 @@ def download_models(
             _download(plan, root, token, endpoint, progress)
         with suppress(OSError):  # not empty: something else is staged there
             (root / STAGING).rmdir()
-
-
-def _endpoint(endpoint: str | None) -> str:
-    if endpoint is None:
-        from huggingface_hub import constants
-
-        endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    return endpoint.rstrip("/")
-
-
-def _plan(folder: str, token: str | None, endpoint: str) -> RepoPlan:
-    """One listing call: the commit, every file with its size, whether the repo is gated."""
-    import httpx2
-    from huggingface_hub import HfApi
-
-    repo = MODEL_REPOS[folder]
-    try:
-        info = HfApi(endpoint=endpoint, token=token or False).model_info(
-            repo, files_metadata=True, timeout=TIMEOUT_S
-        )
-    except (httpx2.HTTPError, OSError) as err:
-        raise _error(err, folder, token, endpoint, gated=folder == RELEASES["dev"]) from err
-    if not info.sha:
-        raise DownloadError(f"{folder}: {endpoint} gave no commit for {repo}; check HF_ENDPOINT")
-    siblings = {s.rfilename: s for s in info.siblings or []}
-    chosen = select_files(folder, siblings)
-    ids = {name: content_id for name in chosen if (content_id := _content_id(siblings[name]))}
-    skipped = sorted(set(siblings) - set(chosen))
-    files = {name: siblings[name].size for name in chosen}
-    return RepoPlan(folder, repo, info.sha, files, ids, skipped, bool(info.gated))
-
-
-def _content_id(sibling) -> str | None:
-    """What the Hub says identifies a file's bytes: its LFS SHA-256, else its git blob id."""
-    if sibling.lfs is not None:
-        return f"sha256:{sibling.lfs.sha256}"
-    return f"blob:{sibling.blob_id}" if sibling.blob_id else None
-
-
-def _check_access(plan: RepoPlan, token: str | None, endpoint: str) -> None:
-    """For a gated repo: no token, or a token it refuses (one HEAD), fails before any download."""
-    import httpx2
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-
-    if not plan.gated:
-        return
-    if token is None:
-        raise _error(None, plan.folder, token, endpoint, gated=True)
-    url = hf_hub_url(plan.repo_id, next(iter(plan.files)), revision=plan.revision, endpoint=endpoint)
-    try:
-        get_hf_file_metadata(url, token=token, timeout=TIMEOUT_S, endpoint=endpoint)
-    except (httpx2.HTTPError, OSError) as err:
-        raise _error(err, plan.folder, token, endpoint, gated=True) from err
 
 
 def _log_plans(plans: list[RepoPlan], root: Path) -> None:
@@ -201,11 +121,11 @@ def _log_plans(plans: list[RepoPlan], root: Path) -> None:
         for name, n in plan.files.items():
             groups.setdefault(name.split("/")[0] + ("/" if "/" in name else ""), []).append(n)
         for group, sizes in sorted(groups.items()):
-            log.info("  %-24s %3d file(s)  %s", group, len(sizes), size(_total(sizes)))
+            log.info("  %-24s %3d file(s)  %s", group, len(sizes), size(total_size(sizes)))
         if plan.skipped:
             shown = ", ".join(plan.skipped[:8]) + (", ..." if len(plan.skipped) > 8 else "")
             log.info("  not fetched (the pipeline does not load them): %s", shown)
-    total = _total(p.size for p in plans)
+    total = total_size(p.size for p in plans)
     log.info(
         "To fetch into %s: at most %s (files complete there, or in another folder there, are not fetched again)",
         root,
@@ -296,33 +216,17 @@ def _fetch(
     plan: RepoPlan, names: list[str], staging: Path, token: str | None, endpoint: str, progress: bool
 ) -> None:
     """The plan's files `names` into `staging`, WORKERS at a time, one progress bar for the folder."""
-    import httpx2
-    from huggingface_hub import hf_hub_download
     from tqdm.auto import tqdm
 
     bar = None
     if progress:
-        total = _total(plan.files[name] for name in names)
+        total = total_size(plan.files[name] for name in names)
         bar = tqdm(total=total, desc=plan.folder, unit="B", unit_scale=True)
     lock = threading.Lock()
 
     def fetch_one(name: str) -> None:
         counted = [0]
-        try:
-            path = Path(
-                hf_hub_download(
-                    plan.repo_id,
-                    name,
-                    revision=plan.revision,
-                    local_dir=staging,
-                    endpoint=endpoint,
-                    token=token or False,
-                    etag_timeout=TIMEOUT_S,
-                    tqdm_class=_progress_class(bar, lock, counted),
-                )
-            )
-        except (httpx2.HTTPError, OSError) as err:
-            raise _error(err, plan.folder, token, endpoint, gated=plan.gated, file=name) from err
+        path = fetch_file(plan, name, staging, token, endpoint, progress_class(bar, lock, counted))
         size, expected = path.stat().st_size, plan.files[name]
         if expected is not None and size != expected:
             path.unlink()
@@ -353,88 +257,6 @@ def _fetch(
         pool.shutdown(wait=not interrupted, cancel_futures=True)
         if bar is not None:
             bar.close()
-
-
-def _progress_class(bar, lock: threading.Lock, counted: list[int]) -> type:
-    """A stand-in for tqdm that huggingface_hub's HTTP and Xet downloads report to: it adds each
-    file's bytes to the folder's one bar (as snapshot_download's aggregated bar does)."""
-
-    class FileProgress:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            self.update(kwargs.get("initial") or 0)
-
-        def update(self, n: float | None = 1) -> None:
-            with lock:
-                counted[0] += int(n or 0)
-                if bar is not None:
-                    bar.update(int(n or 0))
-
-        def update_transfer(self, n: float | None = 1) -> None:
-            pass
-
-        def set_postfix_str(self, *args: object, **kwargs: object) -> None:
-            pass
-
-        set_transfer_postfix_str = set_description = set_postfix_str
-
-        def close(self) -> None:
-            pass
-
-        def __enter__(self) -> FileProgress:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-    return FileProgress
-
-
-def _error(
-    err: Exception | None,
-    folder: str,
-    token: str | None,
-    endpoint: str,
-    *,
-    gated: bool,
-    file: str | None = None,
-) -> DownloadError:
-    """The precise DownloadError for a failure talking to the Hub; never quotes the token."""
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    if isinstance(err, DownloadError):
-        return err
-    repo = MODEL_REPOS[folder]
-    where = f"{folder} ({repo})"
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    fields = dict(folder=folder, repo=repo, page=f"{endpoint}/{repo}", endpoint=endpoint, status=status)
-    if err is None or status in (401, 403) or isinstance(err, GatedRepoError):
-        if gated or isinstance(err, GatedRepoError):
-            message = (REFUSED if token else GATED).format(**fields)
-        elif token:
-            message = f"{where}: the Hub refused HF_TOKEN (HTTP {status}): the token is invalid or expired; fix it, or unset it"
-        else:
-            message = f"{where} asks for a token (HTTP {status}): set HF_TOKEN to a token with access to it"
-    elif isinstance(err, (RevisionNotFoundError, EntryNotFoundError)):
-        message = f"{where} changed while downloading ({file or 'listing'}: HTTP {status}); run again"
-    elif isinstance(err, RepositoryNotFoundError):
-        message = f"{where} was not found on {endpoint} (HTTP {status}); check HF_ENDPOINT"
-    elif isinstance(err, HfHubHTTPError):
-        message = f"{where}: {endpoint} answered HTTP {status}; run again later (complete files are kept)"
-    elif (failure := endpoint_unresolved(where, endpoint, err)) is not None:
-        message = str(failure)
-    else:
-        what = f"{file} " if file else ""
-        message = (
-            f"{where}: {what}could not be downloaded from {endpoint} ({type(err).__name__}: {err}); run "
-            "again: the files already complete are kept and not fetched again"
-        )
-    return DownloadError(message.replace(token, "<HF_TOKEN>") if token else message)
 
 
 # --- command line ----------------------------------------------------------------------------
