@@ -18,7 +18,6 @@ import http.client
 import ipaddress
 import re
 import socket
-import ssl
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, suppress
@@ -26,6 +25,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from flux_lora.errors import ConfigError, DeadlineError, DownloadError, InputError
 from flux_lora.interrupt import DEFAULT_DOWNLOAD_LIMIT_S, DOWNLOAD_LIMIT_ENV, Interrupt
+from flux_lora.net_errors import request_error, status_message, unresolved
 from flux_lora.urls import checked_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -230,7 +230,7 @@ class SafeHttp:
             except (OSError, http.client.HTTPException) as err:
                 conn.close()
                 interrupt.check()  # stopped while waiting: say so rather than what the socket saw
-                raise _request_error(err, where, host) from err
+                raise request_error(err, where, host) from err
             location = response.getheader("Location")
             if response.status not in REDIRECT_CODES or not location:
                 return conn, response
@@ -288,60 +288,6 @@ class SafeHttp:
                 f"({refused[0]}); URLs must point to public addresses"
             )
         raise DownloadError(f"{where}: the host {host} has no address")
-
-
-def unresolved(where: str, host: str, err: BaseException) -> DownloadError:
-    """A host name with no address: retrying will not help; the name or the network is wrong."""
-    reason = name_resolution_failure(err) or type(err).__name__
-    return DownloadError(
-        f"{where}: the host name {host} cannot be resolved ({reason}). Check the host name, and that "
-        "this machine can reach a DNS server (a container without network access cannot download)"
-    )
-
-
-def endpoint_unresolved(where: str, endpoint: str, err: BaseException) -> DownloadError | None:
-    """`unresolved` for the host of the URL `endpoint` when `err` is a failed DNS lookup; else None."""
-    if name_resolution_failure(err) is None:
-        return None
-    return unresolved(where, urlsplit(endpoint).hostname or endpoint, err)
-
-
-RESOLUTION_FAILED = re.compile(
-    r"Name or service not known|Temporary failure in name resolution|nodename nor servname provided"
-    r"|No address associated with hostname|getaddrinfo failed"
-)
-
-
-def name_resolution_failure(err: BaseException) -> str | None:
-    """The resolver's words when `err`, or an error it was raised from, is a failed DNS lookup
-    (socket.gaierror; httpx wraps it in its own ConnectError); None for any other error."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, socket.gaierror):
-            return seen.strerror or str(seen)
-        found = RESOLUTION_FAILED.search(str(seen))
-        if found:
-            return found[0]
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _request_error(err: Exception, where: str, host: str) -> DownloadError:
-    if isinstance(err, TimeoutError):
-        return DownloadError(f"{where}: {host} did not answer in time (timed out); try again")
-    if isinstance(err, ssl.SSLCertVerificationError):
-        return DownloadError(f"{where}: the TLS certificate of {host} could not be verified")
-    return DownloadError(f"{where}: the request to {host} failed ({type(err).__name__}); try again")
-
-
-def status_message(status: int) -> str:
-    if status == 404:
-        return "not found (404): check the URL"
-    if status in (401, 403):
-        return f"refused ({status}): the URL needs credentials"
-    if status >= 500:
-        return f"the server failed ({status}); try again later"
-    return f"the server answered {status}"
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

@@ -30,9 +30,7 @@ from flux_lora.http import (
     SafeHttp,
     allowed_private_networks,
     decode_data_url,
-    endpoint_unresolved,
     is_public_address,
-    status_message,
     too_large,
 )
 from flux_lora.interrupt import (
@@ -45,6 +43,7 @@ from flux_lora.interrupt import (
 from flux_lora.lora.cache import LoraCache
 from flux_lora.lora.files import TAR_SNIFF_BYTES, extract_safetensors, is_tarball
 from flux_lora.lora.refs import LoraRef
+from flux_lora.net_errors import endpoint_unresolved, status_message
 from flux_lora.tensor_files import verify_safetensors
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux_lora.errors import DownloadError
-from flux_lora.http import endpoint_unresolved
 from flux_lora.models.files import MODEL_REPOS, select_files
 from flux_lora.models.layout import RELEASES
+from flux_lora.net_errors import endpoint_unresolved
 
 TIMEOUT_S = 60.0
 
