@@ -6,7 +6,6 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -19,14 +18,12 @@ from flux_lora.device.tensors import module_bytes
 from flux_lora.errors import FluxLoraError
 from flux_lora.interrupt import Interrupt
 from flux_lora.lora.slots import LoraSlots
-from flux_lora.models.identical import same_files
+from flux_lora.models.components import SHAREABLE, load_components
 from flux_lora.models.layout import RELEASES, ModelSource
 from flux_lora.schema import ASPECT_RATIOS, MEGAPIXELS, GenerationRequest, resolve_size
 
 log = logging.getLogger(__name__)
 
-# Components that the two releases may carry identically; loaded once when they do.
-SHAREABLE = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae")
 # T5 prompt length each release was trained with.
 MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 # Warnings that diffusers and transformers give for a prompt over an encoder's limit, replaced by
@@ -154,9 +151,10 @@ class FluxPipelines:
         device = device or default_device()
         dtype = serving_dtype(device)
         log.info("Loading FLUX from %s on %s (%s)", source.root, device, dtype_name(dtype))
+        _quiet_library_output()
         loaded: dict[str, dict[str, object]] = {}
         for variant in RELEASES:
-            loaded[variant] = _load_components(
+            loaded[variant] = load_components(
                 source.release_dir(variant), device, dtype, loaded.get("dev"), source
             )
         variants = {name: _assemble(name, components) for name, components in loaded.items()}
@@ -283,80 +281,20 @@ class _DropTruncationWarnings(logging.Filter):
 _DROP_TRUNCATION_WARNINGS = _DropTruncationWarnings()  # one instance: addFilter is then idempotent
 
 
-def _load_components(
-    folder: Path,
-    device: torch.device,
-    dtype: torch.dtype,
-    reusable: dict[str, object] | None,
-    source: ModelSource,
-) -> dict[str, object]:
-    """Each component of one release, timed; shareable ones taken from `reusable` when the
-    files on disk are identical (compared by content, not by name)."""
+def _quiet_library_output() -> None:
+    """Before loading: our log lines only. Progress bars would land in every setup log as
+    carriage-return noise, and the truncation warnings are replaced by `_log_truncation`."""
     from flux_lora import third_party_logs
 
     third_party_logs.install()  # before diffusers' first import, which imports torchao
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    # Progress bars would land in every setup log as carriage-return noise.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     for name in ("pipeline_flux", "pipeline_flux_img2img", "pipeline_flux_inpaint"):
         logging.getLogger(f"diffusers.pipelines.flux.{name}").addFilter(_DROP_TRUNCATION_WARNINGS)
     logging.getLogger("transformers.tokenization_utils_base").addFilter(_DROP_TRUNCATION_WARNINGS)
-
-    classes = {
-        "scheduler": FlowMatchEulerDiscreteScheduler,
-        "tokenizer": CLIPTokenizer,
-        "tokenizer_2": T5TokenizerFast,
-        "text_encoder": CLIPTextModel,
-        "text_encoder_2": T5EncoderModel,
-        "vae": AutoencoderKL,
-        "transformer": FluxTransformer2DModel,
-    }
-    components: dict[str, object] = {}
-    for name, component_class in classes.items():
-        if reusable is not None and name in SHAREABLE:
-            dev_folder = source.release_dir("dev") / name
-            if same_files(dev_folder, folder / name):
-                components[name] = reusable[name]
-                log.info("  %s/%s: identical to FLUX.1-dev's, shared", folder.name, name)
-                continue
-        started = time.perf_counter()
-        is_module = issubclass(component_class, torch.nn.Module)
-        if is_module and source.random_weights:
-            components[name] = _random_module(component_class, folder / name, device, dtype)
-            log.info(
-                "  %s/%s: built with random weights in %.2f s",
-                folder.name,
-                name,
-                time.perf_counter() - started,
-            )
-            continue
-        kwargs = {"dtype": dtype} if is_module else {}
-        component = component_class.from_pretrained(folder / name, **kwargs)
-        components[name] = component.to(device) if is_module else component
-        log.info("  %s/%s: loaded in %.2f s", folder.name, name, time.perf_counter() - started)
-    return components
-
-
-def _random_module(component_class: type, folder: Path, device: torch.device, dtype: torch.dtype):
-    """The module `folder/config.json` describes, built directly on `device` in `dtype` with the
-    class's own random initialisation: seconds, where reading trained weights takes minutes."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            if hasattr(component_class, "from_config"):  # diffusers
-                module = component_class.from_config(component_class.load_config(folder))
-            else:  # transformers
-                config = component_class.config_class.from_pretrained(folder)
-                module = component_class._from_config(config, dtype=dtype)
-    finally:
-        torch.set_default_dtype(previous)
-    return module.eval()
 
 
 def _assemble(name: str, components: dict[str, object]) -> Variant:

@@ -10,8 +10,9 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5EncoderModel
 
+from flux_lora.models.components import random_module
 from flux_lora.models.layout import ModelSource
-from flux_lora.pipeline import FluxPipelines, _random_module
+from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
 from flux_lora.testing.full_size import write_model_folder
 
@@ -33,7 +34,7 @@ def full_size(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("component", "component_class", "expected"), [(*k, v) for k, v in REAL_SIZES.items()]
 )
 def test_full_size_modules_have_flux_sizes(full_size: Path, component, component_class, expected):
-    module = _random_module(
+    module = random_module(
         component_class, full_size / "FLUX.1-dev" / component, torch.device("meta"), torch.bfloat16
     )
     count = sum(p.numel() for p in module.parameters())
