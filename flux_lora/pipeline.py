@@ -154,9 +154,7 @@ class FluxPipelines:
         _quiet_library_output()
         loaded: dict[str, dict[str, object]] = {}
         for variant in RELEASES:
-            loaded[variant] = load_components(
-                source.release_dir(variant), device, dtype, loaded.get("dev"), source
-            )
+            loaded[variant] = load_components(source, variant, device, dtype, loaded.get("dev"))
         variants = {name: _assemble(name, components) for name, components in loaded.items()}
         shared = {
             id(c): c

@@ -21,15 +21,15 @@ SHAREABLE = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae"
 
 
 def load_components(
-    folder: Path,
+    source: ModelSource,
+    release: str,
     device: torch.device,
     dtype: torch.dtype,
     reusable: dict[str, object] | None,
-    source: ModelSource,
 ) -> dict[str, object]:
-    """Each component of one release, timed; shareable ones taken from `reusable` when the
-    files on disk are identical (`same_files`). `FluxPipelines.load` quiets the libraries'
-    output before this first imports them."""
+    """Each component of `release`, timed; shareable ones taken from `reusable` (FLUX.1-dev's)
+    when the files on disk are identical (`same_files`). `FluxPipelines.load` quiets the
+    libraries' output before this first imports them."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -42,6 +42,7 @@ def load_components(
         "vae": AutoencoderKL,
         "transformer": FluxTransformer2DModel,
     }
+    folder = source.release_dir(release)
     components: dict[str, object] = {}
     for name, component_class in classes.items():
         if reusable is not None and name in SHAREABLE:
