@@ -10,7 +10,6 @@ if [ ! -f "$stamp" ]; then
   # Estimates measured on this project's 2-core machine from a fresh clone; each step also says
   # what it took, so a slower machine shows where its time went.
   started=$SECONDS
-  step_started=$SECONDS
   took() { echo "    done in $((SECONDS - step_started)) s" >&2; step_started=$SECONDS; }
   if [ -d "$VENV" ]; then
     echo "Updating $VENV (requirements*.txt or scripts/_bootstrap.sh changed) ..." >&2
