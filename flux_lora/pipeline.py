@@ -227,8 +227,9 @@ class FluxPipelines:
 
 def warm_up_shapes() -> list[tuple[int, int, int]]:
     """(width, height, outputs) for every preset size at both megapixel settings with one output,
-    then the last one with two: torch specialises a batch of one apart from larger batches. The
-    last two alone compile every graph (quick warm-up); the others check nothing recompiles."""
+    then the last one with two. Any one of them compiles every graph (one per block class, for
+    every size and batch); the rest check that it did, as the compilation count shows. The quick
+    warm-up runs the last two."""
     shapes = [
         (*resolve_size(GenerationRequest(prompt="", aspect_ratio=ratio, megapixels=megapixels)), 1)
         for megapixels in MEGAPIXELS

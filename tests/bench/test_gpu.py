@@ -46,6 +46,7 @@ def test_bench_gpu_tiny_writes_every_figure(tmp_path: Path):
     )
     assert results["device"].startswith("cpu")
     assert [results[k] for k in ("eager_faults", "compiled_faults", "exercised_faults")] == [[], [], []]
+    assert results["setup_compilations"] == 4  # one graph per block class, bf16 and fp8
     assert results["recompiles_on_swap"] == 0 and results["request_compilations"] == 0
     assert results["recompiles_on_lokr"] == 0
     assert results["warm_request_compilations"] == 0
