@@ -1,18 +1,19 @@
 """torch.compile for the serving transformers: paid at setup, not by the first user.
 
 Each transformer (dev and schnell, bf16 and fp8) gets its LoRA slots, is compiled in place (its
-repeated blocks, each class one graph for every image size and batch), then warmed up on every size
-the schema serves (each preset at both megapixel settings, one and several outputs). Inductor's results are saved as torch's cache artifacts in `FLUX_LORA_COMPILE_CACHE`
-and loaded first on the next start, and Inductor's and Triton's own disk caches live in the same
-folder, so a warm restart skips code generation and kernel builds.
+repeated blocks, each class one graph for every image size and batch), then warmed up on every
+size the schema serves (each preset at both megapixel settings, one and several outputs).
+Inductor's results are saved as torch's cache artifacts in `FLUX_LORA_COMPILE_CACHE` and loaded
+first on the next start, and Inductor's and Triton's own disk caches live in the same folder, so
+a warm restart skips code generation and kernel builds.
 
 Every compilation goes through a counting backend: the log, the benchmark and the tests read how
 many happened, so a LoRA swap or a new size that recompiles shows up as a number, not a stall.
 
 `FLUX_LORA_COMPILE`: `auto` (default: on CUDA only), `1` or `0`. `FLUX_LORA_COMPILE_BACKEND`:
 `inductor` (default); the CPU tests use `eager`, which traces, guards and recompiles exactly as
-inductor would but generates no code. `FLUX_LORA_WARM_UP`: `all` (default) or `quick` (only the
-two shapes that compile every graph; for tests and local checks).
+inductor would but generates no code. `FLUX_LORA_WARM_UP`: `all` (default) or `quick` (one size
+with one and with two outputs; for tests and local checks).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class CompileSettings:
     enabled: bool
     backend: str = "inductor"
     cache_dir: Path | None = None
-    warm_up: str = "all"  # "quick": only the shapes that compile every graph (tests, local checks)
+    warm_up: str = "all"  # "quick": one size, one and two outputs (tests, local checks)
 
     @classmethod
     def from_env(cls, device: torch.device, default_cache_dir: Path) -> CompileSettings:
