@@ -13,7 +13,7 @@ from PIL import Image
 from flux_lora.device.choice import default_device, dtype_name, serving_dtype
 from flux_lora.device.compilation import Compiler
 from flux_lora.device.placement import Residency
-from flux_lora.device.quant import fp8_copy, fp8_copy_bytes
+from flux_lora.device.quant import fp8_copy, fp8_copy_bytes, quantizes_activations
 from flux_lora.device.tensors import module_bytes
 from flux_lora.errors import FluxLoraError
 from flux_lora.interrupt import Interrupt
@@ -100,7 +100,8 @@ class FluxPipelines:
             transformer = self.variant(name, fast=fast).txt2img.transformer
             self.lora_slots[(name, fast)] = LoraSlots.install(transformer, max_rank)
             self.residency.add((name, fast), transformer, evictable=not fast)  # measured again, with slots
-            compiler.compile(transformer)
+            fp8_matmuls = fast and quantizes_activations(self.fast_modes[name])
+            compiler.compile(transformer, unbacked_batch=not fp8_matmuls)
         shapes = warm_up_shapes() if warm_up == "all" else warm_up_shapes()[-2:]
         # The default request's transformer (dev, bf16) last: on a GPU too small for all four it is
         # then the one on the GPU at READY.
@@ -227,9 +228,9 @@ class FluxPipelines:
 
 def warm_up_shapes() -> list[tuple[int, int, int]]:
     """(width, height, outputs) for every preset size at both megapixel settings with one output,
-    then the last one with two. Any one of them compiles every graph (one per block class, for
-    every size and batch); the rest check that it did, as the compilation count shows. The quick
-    warm-up runs the last two."""
+    then the last one with two. The first compiles every graph (one per block class, for every
+    size and batch), but for the fp8 matmuls' larger batches, which the last compiles; the rest
+    check that nothing more compiles, as the count shows. The quick warm-up runs the last two."""
     shapes = [
         (*resolve_size(GenerationRequest(prompt="", aspect_ratio=ratio, megapixels=megapixels)), 1)
         for megapixels in MEGAPIXELS

@@ -1,8 +1,9 @@
 """torch.compile for the serving transformers: paid at setup, not by the first user.
 
 Each transformer (dev and schnell, bf16 and fp8) gets its LoRA slots, is compiled in place (its
-repeated blocks, each class one graph for every image size and batch), then warmed up on every
-size the schema serves (each preset at both megapixel settings, one and several outputs).
+repeated blocks, each class one graph for every image size and batch; with fp8 matmuls, one for a
+batch of one and one for larger ones), then warmed up on every size the schema serves (each
+preset at both megapixel settings, one and several outputs).
 Inductor's results are saved as torch's cache artifacts in `FLUX_LORA_COMPILE_CACHE` and loaded
 first on the next start, and Inductor's and Triton's own disk caches live in the same folder, so
 a warm restart skips code generation and kernel builds.
@@ -93,15 +94,23 @@ class Compiler:
         # by restarting each fp8 graph's whole trace: 18 s of a cold start on the CPU.
         torch._dynamo.config.specialize_float = True
 
-    def compile(self, module: torch.nn.Module) -> None:
+    def compile(self, module: torch.nn.Module, *, unbacked_batch: bool = True) -> None:
         """Regional compilation of the blocks the model declares repeated (FLUX: 19 double and 38
         single): each class is traced once and its graph shared by every instance, so a start
         traces two small graphs, not a 57-block one. The embedders and output layers, a sliver
-        of the arithmetic, stay eager."""
+        of the arithmetic, stay eager.
+
+        `unbacked_batch=False` is for weights that quantize their input as it comes (go_fast's fp8
+        matmuls): torchao's scale arithmetic branches on a batch of one, which dynamo cannot
+        decide for an unbacked batch, so it broke each block into pieces (18 graphs for one
+        transformer, with torchao's Python between them, seen on the CPU). There a batch of one
+        and larger ones get a graph each."""
         repeated = module._repeated_blocks
         for block in [m for m in module.modules() if type(m).__name__ in repeated]:
             compiled = torch.compile(block.forward, backend=self._count_and_compile, dynamic=True)
-            block.forward = _one_graph_for_every_call(compiled, eager=block.forward)
+            block.forward = _calls_sharing_graphs(
+                compiled, eager=block.forward, unbacked_batch=unbacked_batch
+            )
 
     def _count_and_compile(self, graph: torch.fx.GraphModule, example_inputs: list):
         self.compilations += 1
@@ -149,14 +158,15 @@ class Compiler:
         log.info("torch.compile: cache saved to %s (%d bytes)", path, len(artifacts[0]))
 
 
-def _one_graph_for_every_call(compiled: Callable, eager: Callable) -> Callable:
-    """A block's forward that reaches its one graph whatever the batch and wherever the block
-    sits. Left to itself, torch traces each block class three times: a batch of one apart from
-    larger ones (it specialises sizes 0 and 1), and the first single block apart from the others,
-    which are handed views into one (batch, text + image, width) tensor, whose first stride the
-    graph guards on. So the batch is unbacked (a size the graph never learns, hinted as 1, the
-    default request's, where Inductor tunes), and every input is given a fresh tensor's strides.
-    On this project's CPU all of it costs about 1 ms a step, which the GPU's work hides.
+def _calls_sharing_graphs(compiled: Callable, eager: Callable, *, unbacked_batch: bool) -> Callable:
+    """A block's forward that reaches its class's graph whatever the size and batch and wherever
+    the block sits. Left to itself, torch traces each block class three times: a batch of one
+    apart from larger ones (it specialises sizes 0 and 1), and the first single block apart from
+    the others, which are handed views into one (batch, text + image, width) tensor, whose first
+    stride the graph guards on. So every input is given a fresh tensor's strides, and the batch
+    is unbacked where the block allows it (a size the graph never learns, hinted as 1, the default
+    request's, where Inductor tunes). On this project's CPU all of it costs about 1 ms a step,
+    which the GPU's work hides.
 
     One image token (img2img from a 16x16 image) would be specialised too, into graphs for that
     one tiny size; it runs eagerly."""
@@ -166,7 +176,8 @@ def _one_graph_for_every_call(compiled: Callable, eager: Callable) -> Callable:
             return eager(**inputs)
         for name in BATCHED_INPUTS:
             tensor = _densely_laid_out(inputs[name])
-            mark_unbacked(tensor, 0, hint_override=1, shape_id="batch")
+            if unbacked_batch:
+                mark_unbacked(tensor, 0, hint_override=1, shape_id="batch")
             inputs[name] = tensor
         return compiled(**inputs)
 

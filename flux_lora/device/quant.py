@@ -30,10 +30,18 @@ FP8_MATMUL_CAPABILITY = (8, 9)
 SMOKE_IMAGE_TOKENS = (1, 256, 1024)
 
 
+FP8_MATMULS = "fp8 matmuls"  # how the modes that compute in fp8 begin
+
+
 @dataclass(frozen=True)
 class Fp8Transformer:
     module: torch.nn.Module
     mode: str  # "fp8 matmuls (float8 dynamic activation + weight, per-row)" | "fp8 weight-only"
+
+
+def quantizes_activations(mode: str) -> bool:
+    """Whether a go_fast mode quantizes each layer's input as it comes (the fp8 matmuls do)."""
+    return mode.startswith(FP8_MATMULS)
 
 
 def fp8_copy(transformer: torch.nn.Module, device: torch.device, text_tokens: int) -> Fp8Transformer:
@@ -54,7 +62,7 @@ def fp8_copy(transformer: torch.nn.Module, device: torch.device, text_tokens: in
                 quantize_(fast, Float8DynamicActivationFloat8WeightConfig(granularity=granularity))
                 for tokens in SMOKE_IMAGE_TOKENS:
                     _smoke_test(fast, dtype, tokens, text_tokens)
-                return Fp8Transformer(fast, f"fp8 matmuls (float8 dynamic activation + weight, {scaling})")
+                return Fp8Transformer(fast, f"{FP8_MATMULS} (float8 dynamic activation + weight, {scaling})")
             except Exception as err:  # a kernel this build lacks for some shape: try the next
                 log.warning("fp8 matmuls, %s, failed on %s (%s)", scaling, device, _first_line(err))
                 del fast

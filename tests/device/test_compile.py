@@ -20,11 +20,15 @@ from diffusers import FluxTransformer2DModel
 from PIL import Image
 
 from flux_lora.dev.cog_server import CogServer
+from flux_lora.device import inventory, quant
 from flux_lora.device.compilation import Compiler, CompileSettings
 from flux_lora.device.quant import transformer_inputs
 from flux_lora.errors import InputError
 from flux_lora.lora.adapters import AdapterSet, WantedAdapter
 from flux_lora.lora.slots import LoraSlots
+from flux_lora.models.layout import ModelSource
+from flux_lora.pipeline import FluxPipelines
+from flux_lora.schema import GenerationRequest
 from flux_lora.testing import tiny
 from tests.conftest import NO_SERVICES, becomes_ready, image_data_uri, output_images, predict_ok
 
@@ -85,9 +89,11 @@ def base(tiny_model_dir: Path) -> FluxTransformer2DModel:
     return FluxTransformer2DModel.from_pretrained(tiny_model_dir / "FLUX.1-dev" / "transformer")
 
 
-def inputs(transformer, tokens: int = 64, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+def inputs(
+    transformer, tokens: int = 64, batch: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     return transformer_inputs(
-        transformer, torch.device("cpu"), torch.float32, tokens=tokens, text=12, batch=batch, seed=seed
+        transformer, torch.device("cpu"), dtype, tokens=tokens, text=12, batch=batch, seed=seed
     )
 
 
@@ -188,6 +194,68 @@ def test_a_lora_that_cannot_fit_changes_nothing(base, compiled: Compiled, loras,
         compiled.slots.activate([wanted(loras[kind])])
     assert compiled.slots.held["main"] == (loras["plain"], 1.0)
     assert torch.equal(run(compiled.transformer), before)
+
+
+# go_fast on H100s and H200s: fp8 matmuls. torch 2.13 runs torchao's (torch._scaled_mm) on this
+# CPU; only the hardware checks, ours and torchao's, say no, and this fixture lifts them.
+
+
+@pytest.fixture
+def fp8_matmuls_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchao.quantization.quant_api
+
+    monkeypatch.setattr(quant, "_has_fp8_matmuls", lambda device: True)
+    monkeypatch.setattr(torchao.quantization.quant_api, "_check_hardware_support", lambda granularities: None)
+
+
+@pytest.mark.parametrize("scaling", ["PerRow", "PerTensor"])
+def test_fp8_matmuls_take_two_graphs_a_block_class(base, fp8_matmuls_here, scaling: str):
+    """Both scalings a GPU may pick (the H200 fell back to per-tensor). torchao works out an
+    activation's scales in Python that branches on a batch of one, so a batch of one and larger
+    ones get a graph each; with the batch unbacked it broke each block into pieces."""
+    import torchao.quantization as ao
+
+    torch._dynamo.reset()
+    fast = quant._base_copy(copy.deepcopy(base).to(torch.bfloat16))
+    ao.quantize_(fast, ao.Float8DynamicActivationFloat8WeightConfig(granularity=getattr(ao, scaling)()))
+    uncompiled = copy.deepcopy(fast)
+    compiler = Compiler(CompileSettings(enabled=True, backend="eager", cache_dir=None), torch.device("cpu"))
+    compiler.compile(fast, unbacked_batch=False)
+    for tokens, batch in [(64, 1), (64, 2), (96, 3), (160, 1), (1, 1)]:
+        step = dict(tokens=tokens, batch=batch, dtype=torch.bfloat16)
+        torch.testing.assert_close(run(fast, **step), run(uncompiled, **step), rtol=0, atol=0)
+    assert compiler.compilations == 4
+    torch._dynamo.reset()
+
+
+def test_fp8_matmuls_are_compiled_at_setup_for_every_request(
+    tiny_model_dir, monkeypatch, fp8_matmuls_here, loras
+):
+    """A GPU's compiled start, in bf16: one graph per block class for bf16, two for the fp8
+    matmuls, and then requests of other sizes and batches, img2img from 16x16 and a LoRA swap
+    compile nothing, and every module keeps its dtype. Before the fp8 copies kept their batch
+    backed, setup made 25 compilations here."""
+    monkeypatch.setenv("FLUX_LORA_DTYPE", "bfloat16")
+    torch._dynamo.reset()
+    cpu = torch.device("cpu")
+    pipelines = FluxPipelines.load(ModelSource(tiny_model_dir), cpu)
+    compiler = Compiler(CompileSettings(enabled=True, backend="eager", cache_dir=None), cpu)
+    pipelines.compile_for_serving(compiler, MAX_RANK, warm_up="quick")
+    assert set(pipelines.fast_modes.values()) == {"fp8 matmuls (float8 dynamic activation + weight, per-row)"}
+    assert compiler.compilations == 2 + 4
+    side = pipelines.min_side  # one image token (16x16 at full size)
+    tiny_image = Image.effect_noise((side, side), 60).convert("RGB")
+    for model, size, outputs, image in [
+        ("schnell", (256, 128), 3, None),
+        ("dev", (side, side), 1, tiny_image),
+    ]:
+        pipelines.lora_slots[(model, True)].activate([wanted(loras["plain"], 0.8)])
+        request = GenerationRequest(prompt="a cat", model=model, num_outputs=outputs, num_inference_steps=1)
+        pipelines.generate(request, size=size, seed=1, image=image, fast=True)
+    assert compiler.compilations == 6
+    for name, module in inventory.held_modules(pipelines):
+        assert inventory.faults(name, module, torch.bfloat16) == []
+    torch._dynamo.reset()
 
 
 # The whole container, compiled.
