@@ -3,10 +3,10 @@
 Each transformer (dev and schnell, bf16 and fp8) gets its LoRA slots, is compiled in place (its
 repeated blocks, each class one graph for every image size and batch; with fp8 matmuls, one for a
 batch of one and one for larger ones), then warmed up on every size the schema serves (each
-preset at both megapixel settings, one and several outputs).
-Inductor's results are saved as torch's cache artifacts in `FLUX_LORA_COMPILE_CACHE` and loaded
-first on the next start, and Inductor's and Triton's own disk caches live in the same folder, so
-a warm restart skips code generation and kernel builds.
+preset at both megapixel settings, one and several outputs). Inductor's results are saved as
+torch's cache artifacts in `FLUX_LORA_COMPILE_CACHE` and loaded first on the next start, and
+Inductor's and Triton's own disk caches live in the same folder, so a warm restart skips code
+generation and kernel builds.
 
 Every compilation goes through a counting backend: the log, the benchmark and the tests read how
 many happened, so a LoRA swap or a new size that recompiles shows up as a number, not a stall.
