@@ -14,12 +14,14 @@ import json
 import os
 import resource
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -27,11 +29,13 @@ from bench.gpu import FIGURE_MARK
 from flux_lora.device.quant import transformer_inputs
 
 PROMPT = "a TOK emoji of a cat"
+T = TypeVar("T")
 DISK_TEST_BYTES = {"full": 4 * 1024**3, "tiny": 64 * 1024**2}
 
 
-def figure(name: str, value: object) -> None:
+def figure(name: str, value: T) -> T:
     print(FIGURE_MARK + json.dumps({"name": name, "value": value}), flush=True)
+    return value
 
 
 def median_seconds(call: Callable[[], object], runs: int) -> float:
@@ -112,17 +116,18 @@ def phase_eager(bench: Bench) -> None:
 
     def bare_call():
         with torch.inference_mode():
-            bare(
+            return bare(
                 PROMPT,
                 width=size,
                 height=size,
                 num_inference_steps=bench.dev_steps,
                 guidance_scale=3.0,
                 generator=torch.Generator("cpu").manual_seed(1),
-            )
+            ).images
 
-    figure("bare_dev_s", median_seconds(bare_call, bench.runs))
-    bench.timed("dev_bf16_eager_s")
+    bare_s = figure("bare_dev_s", median_seconds(bare_call, bench.runs))
+    ours_s = bench.timed("dev_bf16_eager_s")
+    overhead_figures(bench, bare_call(), ours_s - bare_s)
     started = time.perf_counter()
     pipelines.variant("dev", fast=True)
     figure("fp8_copy_s", round(time.perf_counter() - started, 2))
@@ -133,6 +138,24 @@ def phase_eager(bench: Bench) -> None:
     move_figures(pipelines)
     bench.check_dtypes("eager_after")
     bench.peak_memory("peak_mem_eager_gib")
+
+
+def overhead_figures(bench: Bench, images: list, overhead_s: float) -> None:
+    """Where our request's time beyond the bare call's goes: the safety check and the webp file
+    (quality 80, the default) of the bare call's image, and what is left. Random weights draw
+    noise, webp's slowest input: on the CPU a 1024x1024 noise image took 2.3 times as long as a
+    smoother one."""
+    from flux_lora.output import save_images
+
+    safety_s = figure(
+        "safety_check_s", median_seconds(lambda: bench.service.safety.unsafe_indices(images), bench.runs)
+    )
+    folder = Path(tempfile.mkdtemp(dir=bench.work))
+    save_s = figure(
+        "save_webp_s", median_seconds(lambda: save_images(images, folder, "webp", 80), bench.runs)
+    )
+    figure("webp_kb", round((folder / "out-0.webp").stat().st_size / 1024))
+    figure("overhead_rest_s", round(overhead_s - safety_s - save_s, 4))
 
 
 def move_figures(pipelines) -> None:

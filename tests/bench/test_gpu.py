@@ -15,6 +15,7 @@ from flux_lora.models.layout import REPO_ROOT
 
 FIGURES = {
     "ready_eager_s", "eager_faults", "bare_dev_s", "dev_bf16_eager_s", "dev_bf16_eager_s_vs_bare",
+    "safety_check_s", "save_webp_s", "webp_kb", "overhead_rest_s",
     "fp8_copy_s", "fp8_mode", "dev_fp8_eager_s", "fp8_rel_err", "schnell_fp8_eager_s", "move_off_first_s",
     "move_on_s", "move_off_s", "move_roundtrip_identical", "peak_mem_eager_gib", "disk_read_gbps",
     "sha256_gbps", "ready_cold_s", "setup_compilations", "compiled_faults", "dev_fp8_s", "dev_bf16_s",
@@ -54,6 +55,10 @@ def test_bench_gpu_tiny_writes_every_figure(tmp_path: Path):
     assert results["dev_bf16_eager_s_vs_bare"] == round(
         results["dev_bf16_eager_s"] / results["bare_dev_s"], 3
     )
+    # Our time beyond the bare call's, in parts: each measured, the rest what they leave.
+    parts = [results[k] for k in ("bare_dev_s", "safety_check_s", "save_webp_s", "overhead_rest_s")]
+    assert sum(parts) == pytest.approx(results["dev_bf16_eager_s"], abs=1e-3)
+    assert results["safety_check_s"] > 0 and results["save_webp_s"] > 0 and results["webp_kb"] > 0
     assert results["dev_fp8_4_outputs_s"] > results["dev_fp8_s"]  # four images cost more than one
     assert 0 < results["fp8_rel_err"] < 0.2  # fp8 is close to, and not the same as, the original
     # The LoRA's effect on the fp8 copy is the bf16 one (the adapter computes in the model's dtype),
