@@ -31,6 +31,7 @@ from flux_lora.pipeline import FluxPipelines
 from flux_lora.schema import GenerationRequest
 from flux_lora.testing import tiny
 from tests.conftest import NO_SERVICES, becomes_ready, image_data_uri, output_images, predict_ok
+from tests.device import fp8_matmuls
 
 MAX_RANK = 8
 FAST = {"num_inference_steps": 2, "megapixels": "0.25", "seed": 3}
@@ -196,16 +197,12 @@ def test_a_lora_that_cannot_fit_changes_nothing(base, compiled: Compiled, loras,
     assert torch.equal(run(compiled.transformer), before)
 
 
-# go_fast on H100s and H200s: fp8 matmuls. torch 2.13 runs torchao's (torch._scaled_mm) on this
-# CPU; only the hardware checks, ours and torchao's, say no, and this fixture lifts them.
+# go_fast on H100s and H200s: fp8 matmuls, run on this CPU (tests/device/fp8_matmuls.py).
 
 
 @pytest.fixture
 def fp8_matmuls_here(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torchao.quantization.quant_api
-
-    monkeypatch.setattr(quant, "_has_fp8_matmuls", lambda device: True)
-    monkeypatch.setattr(torchao.quantization.quant_api, "_check_hardware_support", lambda granularities: None)
+    fp8_matmuls.lift_hardware_checks(monkeypatch.setattr)
 
 
 @pytest.mark.parametrize("scaling", ["PerRow", "PerTensor"])
@@ -241,7 +238,7 @@ def test_fp8_matmuls_are_compiled_at_setup_for_every_request(
     pipelines = FluxPipelines.load(ModelSource(tiny_model_dir), cpu)
     compiler = Compiler(CompileSettings(enabled=True, backend="eager", cache_dir=None), cpu)
     pipelines.compile_for_serving(compiler, MAX_RANK, warm_up="quick")
-    assert set(pipelines.fast_modes.values()) == {"fp8 matmuls (float8 dynamic activation + weight, per-row)"}
+    assert set(pipelines.fast_modes.values()) == {fp8_matmuls.PER_ROW_MODE}
     assert compiler.compilations == 2 + 4
     side = pipelines.min_side  # one image token (16x16 at full size)
     tiny_image = Image.effect_noise((side, side), 60).convert("RGB")

@@ -20,12 +20,13 @@ import torch
 
 from flux_lora.dev import exercise
 from flux_lora.dev.cog_server import CogServer
-from flux_lora.device import inventory
+from flux_lora.device import inventory, quant
 from flux_lora.device.choice import serving_dtype
 from flux_lora.errors import ConfigError
 from flux_lora.models.layout import REPO_ROOT
 from flux_lora.testing import tiny
 from tests.conftest import NO_SERVICES, becomes_ready, predict_ok
+from tests.device import fp8_matmuls
 
 FP8 = "float8_e4m3fn"
 
@@ -55,11 +56,22 @@ def check_every_module(report: dict, dtype: str = "bfloat16") -> None:
 class Served(NamedTuple):
     server: CogServer
     inspect_file: Path
+    fp8_mode: str  # the go_fast mode it must serve
 
 
-@pytest.fixture(scope="module", params=["eager", pytest.param("compiled", marks=pytest.mark.slow)])
+SERVERS = [
+    "eager",
+    pytest.param("compiled", marks=pytest.mark.slow),
+    "eager-fp8-matmuls",
+    pytest.param("compiled-fp8-matmuls", marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(scope="module", params=SERVERS)
 def bf16_server(request, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """The real server in bf16, with a trained LoRA of its own (COG_WEIGHTS); compiled, or not."""
+    """The real server in bf16, with a trained LoRA of its own (COG_WEIGHTS); compiled or not, its
+    go_fast in fp8 weight-only as on any CPU, or in the fp8 matmuls of an H100 or H200 (the
+    hardware checks lifted in the server's process: tests/device/fp8_matmuls.py)."""
     folder = tmp_path_factory.mktemp(f"bf16-{request.param}")
     trained = folder / "trained.safetensors"
     trained.write_bytes(tiny.random_lora(seed=9, rank=2))
@@ -71,7 +83,11 @@ def bf16_server(request, tiny_model_dir: Path, tmp_path_factory: pytest.TempPath
         "COG_WEIGHTS": str(trained),
         **NO_SERVICES,
     }
-    if request.param == "compiled":
+    fp8_mode = "fp8 weight-only"
+    if request.param.endswith("fp8-matmuls"):
+        env["PYTHONPATH"] = str(fp8_matmuls.SITE_DIR)
+        fp8_mode = fp8_matmuls.PER_ROW_MODE
+    if request.param.startswith("compiled"):
         env.update(
             FLUX_LORA_COMPILE="1",
             FLUX_LORA_COMPILE_BACKEND="eager",
@@ -81,15 +97,18 @@ def bf16_server(request, tiny_model_dir: Path, tmp_path_factory: pytest.TempPath
         )
     with CogServer(env=env, log_path=folder / "coglet.log") as server:
         assert server.start()["status"] == "READY"
-        yield Served(server, folder / "inspect.json")
+        yield Served(server, folder / "inspect.json", fp8_mode)
 
 
 def test_every_path_keeps_every_module_in_bf16(bf16_server: Served):
-    server, inspect_file = bf16_server
+    server, inspect_file, fp8_mode = bf16_server
     setup = json.loads(inspect_file.read_text())
     check_every_module(setup)
     compiled = setup["compile"]["enabled"]
     assert len([m for m in setup["modules"] if m["name"].endswith("-fp8")]) == (2 if compiled else 0)
+    if compiled:  # a graph per block class; fp8 matmuls: one for a batch of one, one for larger
+        fp8_graphs = 4 if quant.quantizes_activations(fp8_mode) else 2
+        assert setup["compile"]["compilations"] == 2 + fp8_graphs
     for label, inputs in exercise.requests((lora_uri(1), lora_uri(2))):
         body = predict_ok(server, **inputs)
         assert body["output"], label
@@ -100,6 +119,7 @@ def test_every_path_keeps_every_module_in_bf16(bf16_server: Served):
             assert f"{release}/transformer-fp8" in {m["name"] for m in report["modules"]}, label
         assert report["compile"]["compilations"] == setup["compile"]["compilations"], label
         assert becomes_ready(server)
+    assert report["fp8"] == dict.fromkeys(("FLUX.1-dev", "FLUX.1-schnell"), fp8_mode)
 
 
 def test_inspect_exercise_json_shows_every_module_in_bf16(tiny_model_dir: Path, tmp_path: Path):
