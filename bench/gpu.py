@@ -60,6 +60,11 @@ def main() -> None:
     parser.add_argument(
         "--phase-bound", type=float, help="every phase's bound in seconds (default: each its own)"
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 unless every phase is done (rehearsals; a GPU run keeps what it measured)",
+    )
     args = parser.parse_args()
     started = time.monotonic()
 
@@ -114,6 +119,11 @@ def main() -> None:
     results["total_s"] = round(time.monotonic() - started, 1)
     _save(results, out)
     _say(f"written to {out}")
+    not_done = {
+        name: state["status"] for name, state in results["phases"].items() if state["status"] != "done"
+    }
+    if args.strict and not_done:
+        sys.exit(f"bench-gpu --strict: phases not done: {not_done} (logs in {logs})")
 
 
 def _run_phase(command: list[str], bound: float, log_path: Path, results: dict, out: Path) -> str:

@@ -83,3 +83,10 @@ def test_a_run_cut_short_keeps_every_figure_it_printed(tmp_path: Path):
     assert results["total_s"] < 20 + 3
     printed = set(re.findall(r"^\[bench\] (\w+): ", done.stdout, flags=re.M)) - set(phases)
     assert {"disk_read_gbps", "sha256_gbps"} <= printed <= set(results)
+
+
+def test_strict_fails_a_run_whose_phase_was_cut(tmp_path: Path):
+    """`--strict` (the CPU rehearsal's): a phase not done is a failure, named."""
+    done = bench("--strict", "--phases", "disk", "--phase-bound", "0.001", "--out", str(tmp_path / "x.json"))
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "phases not done: {'disk': 'cut at its bound of 0 s'}" in done.stderr
